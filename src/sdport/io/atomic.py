@@ -1,0 +1,150 @@
+"""Atomic publication of outputs: temp file beside the target → fsync → rename → fsync the folder.
+
+A crash, Ctrl-C, ``kill -9`` or a full disk leaves no file at the target; temp files of dead
+processes are removed by the next run that writes into the same folder.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import secrets
+import shutil
+
+from ..errors import OutputError
+
+_TMP = re.compile(r"^\.(?P<name>.+)\.sdport-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str) -> None:
+    """Delete sdport temp files in ``folder`` whose writing process is gone."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        m = _TMP.match(name)
+        if m and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+            path = os.path.join(folder, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+
+
+def temp_name(target: str) -> str:
+    folder, base = os.path.split(os.path.abspath(target))
+    return os.path.join(folder, f".{base}.sdport-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_target(target: str, *, force: bool, inputs: list[str], need_bytes: int = 0) -> None:
+    """Refuse a target that exists (without ``force``), that is an input, or that will not fit."""
+    target = os.path.abspath(target)
+    for src in inputs:
+        if os.path.exists(target) and os.path.samefile(src, target) or os.path.realpath(target) == os.path.realpath(src):
+            raise OutputError(target, "output would overwrite the input", "choose another output path")
+    if os.path.lexists(target) and not force:
+        raise OutputError(target, "output already exists", "pass --force to replace it")
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):
+        raise OutputError(target, "output folder does not exist", f"create {folder} first")
+    free = shutil.disk_usage(folder).free
+    if need_bytes > free:
+        raise OutputError(target, f"not enough free space (need {need_bytes / 1e6:.1f} MB, "
+                          f"free {free / 1e6:.1f} MB)", "free some space or write elsewhere")
+
+
+def disk_error(target: str, exc: OSError) -> OutputError:
+    """An OutputError for a failed write, saying plainly when the disk is full."""
+    if exc.errno in _DISK_ERRNOS:
+        return OutputError(target, f"no space left or file too large while writing ({os.strerror(exc.errno)})",
+                           "free some space or write elsewhere")
+    return OutputError(target, f"cannot write output: {exc.strerror or exc}", None)
+
+
+class AtomicFile:
+    """A file written under a temp name and renamed onto ``target`` only by ``commit``.
+
+    Use as a context manager: leaving the block without ``commit`` (an exception, Ctrl-C)
+    deletes the temp file.
+    """
+
+    def __init__(self, target: str, *, force: bool = False):
+        self.target = os.path.abspath(target)
+        self.force = force
+        remove_stale_temps(os.path.dirname(self.target))
+        self.tmp = temp_name(self.target)
+        try:
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except OSError as exc:
+            raise disk_error(self.target, exc) from exc
+        self.done = False
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.done:
+            self.abort()
+
+    def commit(self) -> None:
+        try:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            publish(self.tmp, self.target, force=self.force)
+        except OSError as exc:
+            self.abort()
+            raise disk_error(self.target, exc) from exc
+        self.done = True
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+        self.done = True
+
+
+def publish(tmp: str, target: str, *, force: bool) -> None:
+    """Rename ``tmp`` onto ``target`` (refusing to replace it unless ``force``) and fsync the folder."""
+    if force:
+        os.replace(tmp, target)
+    else:
+        try:
+            os.link(tmp, target)  # fails atomically if the target appeared meanwhile
+        except FileExistsError:
+            raise OutputError(target, "output already exists", "pass --force to replace it") from None
+        except OSError:
+            if os.path.lexists(target):
+                raise OutputError(target, "output already exists", "pass --force to replace it") from None
+            os.rename(tmp, target)
+        else:
+            os.unlink(tmp)
+    fsync_dir(os.path.dirname(target))

@@ -1,0 +1,122 @@
+"""The lazy ``TensorSource`` every reader returns, and the ``TensorInfo`` records it holds.
+
+A source knows each tensor's dtype, shape and where its bytes lie; it reads a tensor only when
+asked (``read``), into a fresh buffer with ``pread`` so that nothing stays mapped in memory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..dtypes import BY_CODE
+from ..errors import FormatError
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One tensor the writer will place: name, dtype code, shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * BY_CODE[self.dtype].itemsize
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes are.
+
+    ``offset``/``nbytes`` locate the bytes of a contiguous tensor in ``file``. A torch view that is
+    not contiguous keeps ``strides`` (in elements) over a storage of ``storage_nbytes`` bytes at
+    ``offset``; it is gathered with numpy when read.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str
+    offset: int
+    nbytes: int
+    strides: tuple[int, ...] | None = None
+    storage_nbytes: int = 0
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def contiguous(self) -> bool:
+        return self.strides is None
+
+
+@dataclass
+class TensorSource:
+    """The tensors of one model file or folder, by name, nothing loaded.
+
+    Attributes:
+        path: what the user named (a file or a directory).
+        format: ``safetensors``, ``torch-zip``, ``torch-legacy`` or ``diffusers``.
+        tensors: name → TensorInfo, in file order.
+        metadata: string metadata (safetensors ``__metadata__``); empty when the format has none.
+        non_tensors: name → short description of entries that are not tensors (``global_step`` …).
+        root: the container key the weights were found under (``state_dict``), or ``""``.
+    """
+
+    path: str
+    format: str
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+    non_tensors: dict[str, str] = field(default_factory=dict)
+    root: str = ""
+    _fds: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def __enter__(self) -> TensorSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def fd(self, file: str) -> int:
+        """A read-only descriptor of one of the source's files, opened once."""
+        if file not in self._fds:
+            self._fds[file] = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        return self._fds[file]
+
+    def read_bytes(self, info: TensorInfo) -> np.ndarray:
+        """The raw bytes of a contiguous tensor (or of a view's whole storage) as a uint8 array."""
+        count = info.nbytes if info.contiguous else info.storage_nbytes
+        buf = np.empty(count, dtype=np.uint8)
+        view = memoryview(buf)
+        fd, done = self.fd(info.file), 0
+        while done < count:
+            n = os.preadv(fd, [view[done:]], info.offset + done)
+            if n == 0:
+                raise FormatError(info.file, f"file ends inside tensor '{info.name}'", "the file is truncated")
+            done += n
+        return buf
+
+    def read(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as a new numpy array with its shape and dtype."""
+        info = self.tensors[name]
+        dt = BY_CODE[info.dtype].numpy
+        raw = self.read_bytes(info).view(dt)
+        if info.contiguous:
+            return raw.reshape(info.shape)
+        strided = np.lib.stride_tricks.as_strided(
+            raw, info.shape, tuple(s * dt.itemsize for s in info.strides), writeable=False)
+        return np.ascontiguousarray(strided)

@@ -1,0 +1,117 @@
+"""Hugging Face diffusers directories read as one TensorSource named ``<component>.<tensor>``.
+
+Components are the subfolders holding weights (``unet/``, ``vae/``, ``text_encoder/`` …); each may
+hold one safetensors file, a sharded set with its ``*.index.json``, or a legacy ``.bin``. Paths
+named inside index files must be plain file names in the same folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ..errors import FormatError, UnsafeFileError
+from .base import TensorSource
+
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
+
+
+def _strict_json(path: str) -> object:
+    def pairs(items: list) -> dict:
+        out: dict = {}
+        for k, v in items:
+            if k in out:
+                raise FormatError(path, f"duplicate key '{k}' in JSON", "the file is damaged or crafted")
+            out[k] = v
+        return out
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f, object_pairs_hook=pairs)
+    except (ValueError, UnicodeDecodeError) as exc:
+        if isinstance(exc, FormatError):
+            raise
+        raise FormatError(path, "not valid JSON", None) from None
+
+
+def contained(folder: str, name: str, where: str) -> str:
+    """``folder/name`` after checking that ``name`` is a plain file name that stays in ``folder``."""
+    if (not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..")
+            or "\0" in name):
+        raise UnsafeFileError(where, f"path {name!r} escapes its folder", "the index file is crafted")
+    full = os.path.join(folder, name)
+    real_folder = os.path.realpath(folder)
+    if os.path.commonpath([os.path.realpath(full), real_folder]) != real_folder:
+        raise UnsafeFileError(where, f"path {name!r} leads outside its folder (symlink)", "the folder is crafted")
+    return full
+
+
+def _component_files(folder: str, variant: str | None) -> list[str]:
+    """The weight files of one component folder (shards resolved through their index)."""
+    names = set(os.listdir(folder))
+    for stem in WEIGHT_STEMS:
+        for ext in ("safetensors", "bin"):
+            base = f"{stem}.{variant}.{ext}" if variant else f"{stem}.{ext}"
+            index = base + ".index.json"
+            if index in names:
+                return _shards(folder, os.path.join(folder, index))
+            if base in names:
+                return [os.path.join(folder, base)]
+    return []
+
+
+def _shards(folder: str, index: str) -> list[str]:
+    doc = _strict_json(index)
+    wm = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(wm, dict) or not wm:
+        raise FormatError(index, "index has no weight_map", None)
+    files = []
+    for name in wm.values():
+        full = contained(folder, name, index)
+        if full not in files:
+            files.append(full)
+    for f in files:
+        if not os.path.isfile(f):
+            raise FormatError(index, f"shard {os.path.basename(f)} is missing", "download the model again")
+    return files
+
+
+def _check_index(index: str, files: list[str], parts: list[TensorSource]) -> None:
+    wm = _strict_json(index)["weight_map"]
+    found = {}
+    for file, part in zip(files, parts):
+        for key in part.tensors:
+            if key in found:
+                raise FormatError(index, f"tensor '{key}' is in two shards", None)
+            found[key] = os.path.basename(file)
+    if found != wm:
+        wrong = sorted(set(found.items()) ^ set(wm.items()))[:3]
+        raise FormatError(index, f"weight_map disagrees with the shards (e.g. {wrong})", None)
+
+
+def open_diffusers(path: str, *, variant: str | None = None) -> TensorSource:
+    """All weights of a diffusers pipeline folder (or of one component folder)."""
+    from . import open_file
+
+    if os.path.isfile(os.path.join(path, "config.json")) and _component_files(path, variant):
+        components = {"": path}
+    else:
+        components = {d: os.path.join(path, d) for d in sorted(os.listdir(path))
+                      if os.path.isdir(os.path.join(path, d)) and _component_files(os.path.join(path, d), variant)}
+    if not components:
+        raise FormatError(path, "no model weights in this folder", "expected a diffusers folder with "
+                          "unet/, vae/ … or a weights file")
+    source = TensorSource(path=path, format="diffusers", tensors={})
+    for comp, folder in components.items():
+        files = _component_files(folder, variant)
+        parts = [open_file(f) for f in files]
+        index = [n for n in os.listdir(folder) if n.endswith(".index.json")]
+        if len(files) > 1 or (index and any(os.path.basename(files[0]) + ".index.json" == n for n in index)):
+            _check_index(os.path.join(folder, os.path.basename(files[0]) + ".index.json"), files, parts)
+        prefix = f"{comp}." if comp else ""
+        for part in parts:
+            for name, info in part.tensors.items():
+                source.tensors[prefix + name] = info.__class__(**{**info.__dict__, "name": prefix + name})
+            source.non_tensors.update({prefix + k: v for k, v in part.non_tensors.items()})
+            part.close()
+    return source
