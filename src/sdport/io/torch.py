@@ -233,8 +233,9 @@ def _info(name: str, rec: rpickle.TensorRecord, locate) -> TensorInfo:
 
 # ------------------------------------------------------------------------------ writer
 def _p_str(s: str) -> bytes:
+    # BINUNICODE, not SHORT_BINUNICODE: torch's weights_only unpickler knows protocol 2 only.
     b = s.encode("utf-8")
-    return (b"\x8c" + bytes([len(b)]) if len(b) < 256 else b"X" + struct.pack("<I", len(b))) + b
+    return b"X" + struct.pack("<I", len(b)) + b
 
 
 def _p_int(v: int) -> bytes:

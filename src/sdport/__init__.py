@@ -1,0 +1,38 @@
+"""sdport: inspect and convert Stable Diffusion weights between formats, streaming and offline.
+
+The public API is small and lazy: importing sdport imports neither numpy nor torch.
+
+    >>> import sdport
+    >>> sdport.inspect("model.ckpt")["family"]
+    >>> sdport.convert("model.ckpt", "model.safetensors", dtype="fp16")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import FormatError, OutputError, PlanError, SdportError, UnknownKeyError, UnsafeFileError
+
+__all__ = ["FormatError", "OutputError", "PlanError", "SdportError", "UnknownKeyError", "UnsafeFileError",
+           "convert", "inspect", "open_tensors"]
+
+
+def inspect(source: Any) -> dict[str, Any]:
+    """Describe a model file or folder; see ``sdport.inspect.inspect``."""
+    from .inspect import inspect as _inspect
+
+    return _inspect(source)
+
+
+def convert(src: Any, dst: Any, **options: Any) -> Any:
+    """Convert a model; see ``sdport.convert.convert`` for the options."""
+    from .convert import convert as _convert
+
+    return _convert(src, dst, **options)
+
+
+def open_tensors(path: Any, **options: Any) -> Any:
+    """Open a weights file or folder as a lazy TensorSource; see ``sdport.io.open_tensors``."""
+    from .io import open_tensors as _open
+
+    return _open(path, **options)

@@ -1,0 +1,111 @@
+"""The ``sdport`` command: argument parsing, printing, and turning errors into one line and an exit status.
+
+Exit status: 0 success, 2 bad input or refused output, 1 internal error, 130 Ctrl-C, 143 SIGTERM.
+No logic lives here beyond calling the public API.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+
+import click
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised so that every ``finally`` (temp file removal) runs."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sdport")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Inspect and convert Stable Diffusion weights between every format, streaming and offline."""
+    ctx.obj = {"debug": debug}
+
+
+@cli.command("inspect")
+@click.argument("source")
+@click.option("--json", "as_json", is_flag=True, help="Print the stable JSON report instead of a table.")
+def inspect_cmd(source: str, as_json: bool) -> None:
+    """Say what SOURCE is: format, family and evidence, tensors, dtypes, metadata."""
+    from .inspect import inspect, render
+
+    report = inspect(source)
+    click.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else render(report))
+
+
+@cli.command("convert")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--to", type=click.Choice(["single-file", "diffusers"]), help="Output layout (default: from DST).")
+@click.option("--dtype", default="keep", type=click.Choice(["keep", "fp32", "fp16", "bf16"]), show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "ckpt"]), help="Single-file format (default: from DST's suffix).")
+@click.option("--allow-unknown", is_flag=True, help="Copy tensors no rule knows instead of refusing.")
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+@click.option("--report", is_flag=True, help="List every input entry left out, with the reason.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def convert_cmd(src: str, dst: str, to: str | None, dtype: str, fmt: str | None, allow_unknown: bool,
+                force: bool, report: bool, quiet: bool) -> None:
+    """Convert SRC to DST (another format, layout or dtype), streaming, atomically."""
+    from .convert import convert
+
+    result = convert(src, dst, to=to, dtype=dtype, format=fmt, allow_unknown=allow_unknown, force=force,
+                     progress=not quiet)
+    if not quiet:
+        click.echo(f"wrote {result.output}: {result.tensors} tensors, {result.bytes:,} bytes"
+                   + (f", {len(result.dropped)} entries left out" if result.dropped else ""), err=True)
+    if report:
+        for name, why in result.dropped.items():
+            click.echo(f"dropped {name}: {why}")
+        for name in result.unknown:
+            click.echo(f"unknown {name}: copied unchanged (--allow-unknown)")
+
+
+@cli.command("demo")
+@click.argument("folder", default="sdport-demo")
+def demo_cmd(folder: str) -> None:
+    """Build a tiny SD1.x .ckpt (real key names, no download) in FOLDER, inspect it, convert it."""
+    from .demo import run_demo
+
+    run_demo(folder, echo=click.echo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    from .errors import SdportError
+
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        cli.main(args=argv, prog_name="sdport", standalone_mode=False)
+    except SdportError as exc:
+        if debug:
+            raise
+        click.echo(f"sdport: error: {exc.message()}", err=True)
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("sdport: interrupted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("sdport: interrupted", err=True)
+        return 130
+    except _Terminated:
+        click.echo("sdport: terminated", err=True)
+        return 143
+    except Exception as exc:  # noqa: BLE001 - the one place that reports bugs
+        if debug:
+            raise
+        click.echo(f"sdport: error: internal error: {type(exc).__name__}: {exc} (rerun with --debug "
+                   "and report it)", err=True)
+        return 1
+    return 0

@@ -1,0 +1,87 @@
+"""``sdport inspect``: what a model file is, as a stable JSON-able report and as a readable table."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any
+
+from .detect import detect
+from .io import open_tensors
+
+
+def inspect(source: str | os.PathLike) -> dict[str, Any]:
+    """Describe a model file or folder without loading its tensors.
+
+    Returns:
+        A dict with the keys documented in the README (``format``, ``family``, ``tensors``,
+        ``parameters``, ``dtypes`` …); stable across versions, new keys may be added.
+
+    Example::
+
+        >>> sdport.inspect("model.safetensors")["family"]
+        'sd1'
+    """
+    with open_tensors(source) as src:
+        found = detect(src.tensors, src.metadata)
+        infos = list(src.tensors.values())
+        files = sorted({i.file for i in infos})
+        prefixes = Counter(_prefix(name) for name in src.tensors)
+        return {
+            "path": os.fspath(source),
+            "format": src.format,
+            "family": found.family,
+            "layout": found.layout,
+            "variant": found.variant,
+            "adapter_format": found.adapter_format,
+            "evidence": found.evidence,
+            "tensors": len(infos),
+            "parameters": sum(i.numel for i in infos),
+            "tensor_bytes": sum(i.nbytes for i in infos),
+            "file_bytes": sum(os.path.getsize(f) for f in files),
+            "files": len(files),
+            "dtypes": dict(sorted(Counter(i.dtype for i in infos).items())),
+            "prefixes": dict(sorted(prefixes.items())),
+            "root": src.root,
+            "metadata": dict(src.metadata),
+            "non_tensors": dict(src.non_tensors),
+        }
+
+
+def _prefix(name: str) -> str:
+    parts = name.split(".")
+    depth = 2 if parts[0] in ("model", "cond_stage_model", "conditioner", "first_stage_model") else 1
+    return ".".join(parts[:depth]) if len(parts) > depth else "(top level)"
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report as aligned text for a terminal."""
+    family = report["family"] + (f" ({report['variant']})" if report["variant"] else "")
+    if report["adapter_format"]:
+        family += f", {report['adapter_format']} adapter"
+    rows = [
+        ("file", report["path"]),
+        ("format", report["format"] + (f", weights under '{report['root']}'" if report["root"] else "")),
+        ("family", family + (f", {report['layout']} layout" if report["layout"] and report["layout"] != "adapter" else "")),
+        ("evidence", "; ".join(report["evidence"])),
+        ("tensors", f"{report['tensors']:,}"),
+        ("parameters", f"{report['parameters']:,}"),
+        ("bytes", f"{report['tensor_bytes']:,} in tensors, {report['file_bytes']:,} on disk"),
+        ("dtypes", ", ".join(f"{k} {v:,}" for k, v in report["dtypes"].items())),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    for title, items in (("prefixes", report["prefixes"]), ("metadata", report["metadata"]),
+                         ("non-tensor entries", report["non_tensors"])):
+        if items:
+            lines.append(f"{title}:")
+            shown = list(items.items())
+            lines += [f"  {k}: {_short(v)}" for k, v in shown[:40]]
+            if len(shown) > 40:
+                lines.append(f"  … and {len(shown) - 40} more (see --json)")
+    return "\n".join(lines)
+
+
+def _short(value: object) -> str:
+    text = str(value).replace("\n", " ")
+    return text if len(text) <= 100 else text[:97] + "..."

@@ -1,0 +1,144 @@
+"""Conversion plans: what each output tensor is made of, validated in full before a byte is written.
+
+A plan knows nothing of file formats. Each ``OutputTensor`` names its input tensors and one op
+from a closed vocabulary (``OPS``); ``validate`` proves that every input is used or dropped for a
+stated reason, every output is defined once, and every shape and dtype agrees.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .dtypes import BY_CODE, cast
+from .errors import PlanError, UnknownKeyError
+from .io.base import Slot, TensorSource
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Op:
+    """An operation: how it computes (numpy) and what shape it gives (from the input shapes)."""
+
+    compute: Callable[[list[np.ndarray], tuple], np.ndarray]
+    shape: Callable[[list[Shape], tuple], Shape | None]  # None: the inputs do not fit
+
+
+def _split_shape(shapes: list[Shape], args: tuple) -> Shape | None:
+    axis, index, parts = args
+    (s,) = shapes
+    if s[axis] % parts or not 0 <= index < parts:
+        return None
+    return s[:axis] + (s[axis] // parts,) + s[axis + 1:]
+
+
+def _concat_shape(shapes: list[Shape], args: tuple) -> Shape | None:
+    (axis,) = args
+    rest = {s[:axis] + s[axis + 1:] for s in shapes}
+    return None if len(rest) != 1 else shapes[0][:axis] + (sum(s[axis] for s in shapes),) + shapes[0][axis + 1:]
+
+
+def _reshape_shape(shapes: list[Shape], args: tuple) -> Shape | None:
+    (target,) = args
+    return tuple(target) if math.prod(shapes[0]) == math.prod(target) else None
+
+
+OPS: dict[str, Op] = {
+    "identity": Op(lambda xs, a: xs[0], lambda ss, a: ss[0]),
+    "reshape": Op(lambda xs, a: xs[0].reshape(a[0]), _reshape_shape),
+    "transpose": Op(lambda xs, a: np.ascontiguousarray(xs[0].T), lambda ss, a: ss[0][::-1] if len(ss[0]) == 2 else None),
+    "split": Op(lambda xs, a: np.split(xs[0], a[2], axis=a[0])[a[1]], _split_shape),
+    "concat": Op(lambda xs, a: np.concatenate(xs, axis=a[0]), _concat_shape),
+}
+_ARITY = {"identity": 1, "reshape": 1, "transpose": 1, "split": 1}
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One tensor of an output file: ``op(inputs…)`` cast to ``dtype``."""
+
+    name: str
+    dtype: str
+    shape: Shape
+    inputs: tuple[str, ...]
+    op: str = "identity"
+    args: tuple = ()
+
+    def slot(self) -> Slot:
+        return Slot(self.name, self.dtype, self.shape)
+
+
+@dataclass
+class OutputFile:
+    """One file to write: its path relative to the output root, its format and tensors."""
+
+    path: str
+    format: str  # "safetensors" | "ckpt"
+    tensors: list[OutputTensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+    root: str = ""  # ckpt only: wrap the tensors as {root: {...}}
+
+
+@dataclass
+class Plan:
+    """Everything a conversion will write, and what it leaves out and why."""
+
+    files: list[OutputFile]
+    dropped: dict[str, str] = field(default_factory=dict)  # input name → reason
+    unknown: list[str] = field(default_factory=list)  # input names let through by --allow-unknown
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.slot().nbytes for f in self.files for t in f.tensors)
+
+
+def validate(plan: Plan, source: TensorSource, *, allow_unknown: bool = False) -> None:
+    """Check the plan against the source; raise one clear error on the first problem found."""
+    used: set[str] = set()
+    for out in plan.files:
+        names: set[str] = set()
+        for t in out.tensors:
+            if t.name in names:
+                raise PlanError(out.path, f"output tensor '{t.name}' defined twice", "a rule table is wrong")
+            names.add(t.name)
+            _check_tensor(t, source, out.path)
+            used.update(t.inputs)
+    left = [k for k in source.tensors if k not in used and k not in plan.dropped]
+    if left and not allow_unknown:
+        shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+        raise UnknownKeyError(source.path, f"{len(left)} tensor(s) no rule knows: {shown}",
+                              "pass --allow-unknown to copy them through unchanged, or report a bug")
+
+
+def _check_tensor(t: OutputTensor, source: TensorSource, where: str) -> None:
+    missing = [i for i in t.inputs if i not in source.tensors]
+    if missing:
+        raise PlanError(source.path, f"'{t.name}' needs tensor '{missing[0]}', which the file lacks",
+                        "the model is incomplete or of another family")
+    op = OPS.get(t.op)
+    if op is None or len(t.inputs) != _ARITY.get(t.op, len(t.inputs)) or not t.inputs:
+        raise PlanError(where, f"'{t.name}': invalid op {t.op!r} with {len(t.inputs)} input(s)", None)
+    shapes = [source.tensors[i].shape for i in t.inputs]
+    got = op.shape(shapes, t.args)
+    if got != tuple(t.shape):
+        raise PlanError(source.path, f"shape mismatch for '{t.name}': expected {list(t.shape)}, inputs give "
+                        f"{[list(s) for s in shapes]}", "the model is of another family or damaged")
+    if t.dtype not in BY_CODE:
+        raise PlanError(where, f"'{t.name}': unknown dtype {t.dtype}", None)
+
+
+def compute(t: OutputTensor, arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """The output tensor's values from its inputs' arrays."""
+    return cast(OPS[t.op].compute(list(arrays), t.args), t.dtype)
+
+
+def is_passthrough(t: OutputTensor, source: TensorSource) -> bool:
+    """True when the output bytes are exactly one input's bytes (copyable file to file)."""
+    if t.op not in ("identity", "reshape") or len(t.inputs) != 1:
+        return False
+    info = source.tensors[t.inputs[0]]
+    return info.contiguous and info.dtype == t.dtype
