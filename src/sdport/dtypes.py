@@ -27,7 +27,7 @@ class DType:
 
     @property
     def is_float(self) -> bool:
-        return self.code.startswith(("F", "BF"))
+        return self.code in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
 
 _TABLE = (
@@ -41,12 +41,16 @@ _TABLE = (
     DType("I8", np.dtype("i1"), "CharStorage", "int8"),
     DType("U8", np.dtype("u1"), "ByteStorage", "uint8"),
     DType("BOOL", np.dtype("?"), "BoolStorage", "bool"),
-    DType("F8_E4M3", np.dtype(ml_dtypes.float8_e4m3fn), "Float8_e4m3fnStorage", "float8_e4m3fn"),
-    DType("F8_E5M2", np.dtype(ml_dtypes.float8_e5m2), "Float8_e5m2Storage", "float8_e5m2"),
+    # No typed torch storage class: torch pickles these with _rebuild_tensor_v3 over an untyped storage.
+    DType("U16", np.dtype("<u2"), "", "uint16"),
+    DType("U32", np.dtype("<u4"), "", "uint32"),
+    DType("U64", np.dtype("<u8"), "", "uint64"),
+    DType("F8_E4M3", np.dtype(ml_dtypes.float8_e4m3fn), "", "float8_e4m3fn"),
+    DType("F8_E5M2", np.dtype(ml_dtypes.float8_e5m2), "", "float8_e5m2"),
 )
 
 BY_CODE: dict[str, DType] = {d.code: d for d in _TABLE}
-BY_STORAGE: dict[str, DType] = {d.torch_storage: d for d in _TABLE}
+BY_STORAGE: dict[str, DType] = {d.torch_storage: d for d in _TABLE if d.torch_storage}
 BY_TORCH_NAME: dict[str, DType] = {d.torch_name: d for d in _TABLE}
 
 #: what users type for ``--dtype``
@@ -105,7 +109,8 @@ def cast(a: np.ndarray, code: str) -> np.ndarray:
         return a.astype(target.numpy)
     if code == "F64":
         return _to_f32(a).astype(np.float64) if src != "F32" else a.astype(np.float64)
-    f32 = _to_f32(a) if src != "F64" else a.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        f32 = _to_f32(a) if src != "F64" else a.astype(np.float32)
     if code == "F32":
         return f32
     if code == "F16":

@@ -12,7 +12,7 @@ import re
 import struct
 from dataclasses import dataclass
 
-from ..dtypes import BY_STORAGE, BY_TORCH_NAME
+from ..dtypes import BY_CODE, BY_STORAGE, BY_TORCH_NAME
 from ..errors import FormatError, UnsafeFileError
 
 MAX_MEMO = 1_000_000
@@ -24,6 +24,7 @@ _KINDS: dict[tuple[str, str], str] = {
     ("collections", "OrderedDict"): "dict",
     ("torch._utils", "_rebuild_tensor_v2"): "tensor",
     ("torch._utils", "_rebuild_tensor"): "tensor",
+    ("torch._utils", "_rebuild_tensor_v3"): "tensor_v3",
     ("torch._utils", "_rebuild_parameter"): "parameter",
     ("torch._utils", "_rebuild_parameter_with_state"): "parameter",
     ("torch._tensor", "_rebuild_from_type_v2"): "from_type",
@@ -361,6 +362,8 @@ class _Machine:
             return {}
         if kind == "tensor":
             return self._tensor(args)
+        if kind == "tensor_v3":
+            return self._tensor(self._retype(args))
         if kind == "parameter" and args and isinstance(args[0], TensorRecord):
             return args[0]
         if kind == "from_type" and len(args) == 4 and isinstance(args[0], Global) and isinstance(args[2], tuple):
@@ -390,6 +393,16 @@ class _Machine:
         if not isinstance(target, (dict, Opaque)):
             raise self.fail("invalid BUILD target in pickle")
         del state
+
+    def _retype(self, args: tuple) -> tuple:
+        """``_rebuild_tensor_v3(untyped_storage, offset, size, stride, grad, hooks, dtype)`` → v2's arguments."""
+        if len(args) < 7 or not isinstance(args[6], Global) or args[6].kind != "dtype":
+            raise self.fail("invalid tensor record (v3 without a dtype)")
+        storage, code = args[0], BY_TORCH_NAME[args[6].name].code
+        item = BY_CODE[code].itemsize
+        if not isinstance(storage, StorageRef) or storage.dtype != "U8" or storage.numel % item:
+            raise self.fail("invalid tensor record (v3 storage)")
+        return (StorageRef(storage.key, code, storage.numel // item),) + args[1:6]
 
     def _tensor(self, args: tuple) -> TensorRecord:
         if len(args) < 4:

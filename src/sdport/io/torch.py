@@ -256,6 +256,20 @@ def _p_tuple(items: Sequence[int]) -> bytes:
 _ORDERED_DICT = b"ccollections\nOrderedDict\n)R"
 
 
+def _tensor_pickle(s: Slot, key: int) -> bytes:
+    """``_rebuild_tensor_v2`` over a typed storage, or v3 over an untyped one for dtypes without a class."""
+    dt = BY_CODE[s.dtype]
+    numel = math.prod(s.shape)
+    strides = [math.prod(s.shape[i + 1:]) for i in range(len(s.shape))]
+    storage = f"ctorch\n{dt.torch_storage}\n" if dt.torch_storage else "ctorch.storage\nUntypedStorage\n"
+    count = numel if dt.torch_storage else numel * dt.itemsize
+    args = (b"((" + _p_str("storage") + storage.encode() + _p_str(str(key)) + _p_str("cpu") + _p_int(count)
+            + b"tQ" + _p_int(0) + _p_tuple(s.shape) + _p_tuple(strides) + b"\x89" + _ORDERED_DICT)
+    if dt.torch_storage:
+        return b"ctorch._utils\n_rebuild_tensor_v2\n" + args + b"tR"
+    return b"ctorch._utils\n_rebuild_tensor_v3\n" + args + f"ctorch\n{dt.torch_name}\ntR".encode()
+
+
 def state_dict_pickle(slots: Sequence[Slot], root: str) -> bytes:
     """Protocol-2 pickle of ``{root: OrderedDict(name → tensor)}`` (or the bare dict when root is "")."""
     out = [b"\x80\x02"]
@@ -265,12 +279,7 @@ def state_dict_pickle(slots: Sequence[Slot], root: str) -> bytes:
     for start in range(0, len(slots), 1000):
         out.append(b"(")
         for key, s in enumerate(slots[start:start + 1000], start):
-            numel = math.prod(s.shape)
-            strides = [math.prod(s.shape[i + 1:]) for i in range(len(s.shape))]
-            out.append(_p_str(s.name) + b"ctorch._utils\n_rebuild_tensor_v2\n(("
-                       + _p_str("storage") + f"ctorch\n{BY_CODE[s.dtype].torch_storage}\n".encode()
-                       + _p_str(str(key)) + _p_str("cpu") + _p_int(numel) + b"tQ"
-                       + _p_int(0) + _p_tuple(s.shape) + _p_tuple(strides) + b"\x89" + _ORDERED_DICT + b"tR")
+            out.append(_p_str(s.name) + _tensor_pickle(s, key))
         out.append(b"u")
     if root:
         out.append(b"s")

@@ -1,0 +1,54 @@
+"""Shared fixtures: the demo SD1 checkpoint, and a runner for the CLI as a separate process."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+def run_cli(*args: str, timeout: float = 120, env: dict | None = None, **kw) -> Run:
+    """Run ``python -m sdport ARGS`` and capture everything."""
+    p = subprocess.run([sys.executable, "-m", "sdport", *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout, env=env, stdin=subprocess.DEVNULL, **kw)
+    return Run(p.returncode, p.stdout, p.stderr)
+
+
+def sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def leftovers(folder: str | os.PathLike) -> list[str]:
+    return [n for n in os.listdir(folder) if ".sdport-" in n]
+
+
+@pytest.fixture(scope="session")
+def demo_ckpt(tmp_path_factory) -> str:
+    """The demo SD1.x checkpoint written by sdport (torch zip, fp32, ``state_dict`` root)."""
+    from sdport.demo import write_demo_checkpoint
+
+    path = str(tmp_path_factory.mktemp("demo") / "demo-sd1.ckpt")
+    write_demo_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_state_dict() -> dict:
+    from sdport.demo import sd1_checkpoint
+
+    return sd1_checkpoint()
