@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from sdport.dtypes import BY_TORCH_NAME
 from sdport.io import open_tensors
 from sdport.io.base import Slot
 from sdport.io.torch import TorchWriter
 
-DTYPES = [torch.uint16, torch.uint32, torch.uint64, torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
-          torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2]
+DTYPES = [torch.uint16, torch.uint32, torch.uint64, torch.float32, torch.float16, torch.bfloat16, torch.float64,
+          torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn,
+          torch.float8_e5m2]
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -89,11 +91,9 @@ def test_numpy_scalars_are_reported_not_built(tmp_path) -> None:
 def test_writer_output_loads_in_torch_weights_only(tmp_path, root: str) -> None:
     path = str(tmp_path / "out.ckpt")
     zoo = {k: v.contiguous() for k, v in _zoo().items()}
-    codes = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-             torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
     with TorchWriter(path, root=root) as w:
-        w.begin([Slot(k, codes[v.dtype], tuple(v.shape)) for k, v in zoo.items()])
+        w.begin([Slot(k, BY_TORCH_NAME[str(v.dtype).removeprefix("torch.")].code, tuple(v.shape))
+                 for k, v in zoo.items()])
         for k, v in zoo.items():
             src = _np(v)
             w.write(k, src)
@@ -102,10 +102,10 @@ def test_writer_output_loads_in_torch_weights_only(tmp_path, root: str) -> None:
     loaded = loaded[root] if root else loaded
     assert list(loaded) == list(zoo)
     for k, v in zoo.items():
-        assert loaded[k].dtype == v.dtype and torch.equal(loaded[k].reshape(-1).view(torch.uint8), v.detach().reshape(-1).view(torch.uint8))
-    import zipfile
-
+        assert loaded[k].dtype == v.dtype
+        assert torch.equal(loaded[k].reshape(-1).view(torch.uint8), v.detach().reshape(-1).view(torch.uint8))
     import struct
+    import zipfile
 
     raw = open(path, "rb").read()
     with zipfile.ZipFile(path) as z:

@@ -18,15 +18,15 @@ __all__ = ["FormatError", "OutputError", "PlanError", "SdportError", "UnknownKey
 
 
 def inspect(source: Any) -> dict[str, Any]:
-    """Describe a model file or folder; see ``sdport.inspect.inspect``."""
-    from .inspect import inspect as _inspect
+    """Describe a model file or folder; see ``sdport.inspection.inspect``."""
+    from .inspection import inspect as _inspect
 
     return _inspect(source)
 
 
 def convert(src: Any, dst: Any, **options: Any) -> Any:
-    """Convert a model; see ``sdport.convert.convert`` for the options."""
-    from .convert import convert as _convert
+    """Convert a model; see ``sdport.conversion.convert`` for the options."""
+    from .conversion import convert as _convert
 
     return _convert(src, dst, **options)
 

@@ -35,7 +35,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the stable JSON report instead of a table.")
 def inspect_cmd(source: str, as_json: bool) -> None:
     """Say what SOURCE is: format, family and evidence, tensors, dtypes, metadata."""
-    from .inspect import inspect, render
+    from .inspection import inspect, render
 
     report = inspect(source)
     click.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else render(report))
@@ -46,7 +46,8 @@ def inspect_cmd(source: str, as_json: bool) -> None:
 @click.argument("dst")
 @click.option("--to", type=click.Choice(["single-file", "diffusers"]), help="Output layout (default: from DST).")
 @click.option("--dtype", default="keep", type=click.Choice(["keep", "fp32", "fp16", "bf16"]), show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["safetensors", "ckpt"]), help="Single-file format (default: from DST's suffix).")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "ckpt"]),
+              help="Single-file format (default: from DST's suffix).")
 @click.option("--allow-unknown", is_flag=True, help="Copy tensors no rule knows instead of refusing.")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @click.option("--report", is_flag=True, help="List every input entry left out, with the reason.")
@@ -54,7 +55,7 @@ def inspect_cmd(source: str, as_json: bool) -> None:
 def convert_cmd(src: str, dst: str, to: str | None, dtype: str, fmt: str | None, allow_unknown: bool,
                 force: bool, report: bool, quiet: bool) -> None:
     """Convert SRC to DST (another format, layout or dtype), streaming, atomically."""
-    from .convert import convert
+    from .conversion import convert
 
     result = convert(src, dst, to=to, dtype=dtype, format=fmt, allow_unknown=allow_unknown, force=force,
                      progress=not quiet)

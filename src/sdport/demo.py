@@ -194,8 +194,8 @@ def run_demo(folder: str, echo) -> None:
     """Build the demo checkpoint in ``folder``, inspect it, and convert it to fp16 safetensors."""
     import os
 
-    from .convert import convert
-    from .inspect import inspect, render
+    from .conversion import convert
+    from .inspection import inspect, render
 
     os.makedirs(folder, exist_ok=True)
     ckpt = os.path.join(folder, "demo-sd1.ckpt")

@@ -45,14 +45,17 @@ SIGNATURES: tuple[Signature, ...] = (
               facts=(Fact(_PROJ_IN_LDM, "ndim", 2),)),
     Signature("sd1", "ldm", (r"cond_stage_model\.transformer\..*", _UNET + r"input_blocks\.0\.0\.weight"),
               facts=(Fact(_PROJ_IN_LDM, "ndim", 4),)),
-    Signature("controlnet", "ldm", (r"(control_model\.)?input_hint_block\.0\.weight", r"(control_model\.)?zero_convs\.0\.0\.weight")),
+    Signature("controlnet", "ldm", (r"(control_model\.)?input_hint_block\.0\.weight",
+                                    r"(control_model\.)?zero_convs\.0\.0\.weight")),
     Signature("unet", "ldm", (_UNET + r"input_blocks\.0\.0\.weight",),
               none_of=(r"cond_stage_model\..*", r"conditioner\..*")),
-    Signature("vae", "ldm", (r"(first_stage_model\.)?encoder\.conv_in\.weight", r"(first_stage_model\.)?decoder\.conv_out\.weight",
+    Signature("vae", "ldm", (r"(first_stage_model\.)?encoder\.conv_in\.weight",
+                             r"(first_stage_model\.)?decoder\.conv_out\.weight",
                              r"(first_stage_model\.)?quant_conv\.weight"), none_of=(_UNET + ".*",)),
     Signature("sdxl-refiner", "diffusers", (r"unet\.add_embedding\.linear_1\.weight", r"text_encoder_2\..*"),
               none_of=(r"text_encoder\..*",), facts=(Fact(r"unet\.add_embedding\.linear_1\.weight", 1, 2560),)),
-    Signature("sdxl-base", "diffusers", (r"unet\.add_embedding\.linear_1\.weight", r"text_encoder\..*", r"text_encoder_2\..*"),
+    Signature("sdxl-base", "diffusers",
+              (r"unet\.add_embedding\.linear_1\.weight", r"text_encoder\..*", r"text_encoder_2\..*"),
               facts=(Fact(r"unet\.add_embedding\.linear_1\.weight", 1, 2816),)),
     Signature("sd2", "diffusers", (r"unet\.conv_in\.weight", r"text_encoder\..*"), none_of=(r"text_encoder_2\..*",),
               facts=(Fact(_PROJ_IN_DIF, "ndim", 2),)),
@@ -62,7 +65,8 @@ SIGNATURES: tuple[Signature, ...] = (
     Signature("unet", "diffusers", (r"conv_in\.weight", r"time_embedding\.linear_1\.weight", r"down_blocks\..*")),
     Signature("vae", "diffusers", (r"(vae\.)?encoder\.conv_in\.weight", r"(vae\.)?decoder\.conv_out\.weight",
                                    r"(vae\.)?quant_conv\.weight"), none_of=(r"unet\..*",)),
-    Signature("lora", "adapter", (r".*[._](lora_down|lora_A|lora\.down|hada_w1_a|lokr_w1|lokr_w1_a)(\.[A-Za-z_]+)?(\.weight)?",)),
+    Signature("lora", "adapter",
+              (r".*[._](lora_down|lora_A|lora\.down|hada_w1_a|lokr_w1|lokr_w1_a)(\.[A-Za-z_]+)?(\.weight)?",)),
 )
 
 #: adapter naming schemes, first match wins (refined by the LoRA work)
@@ -109,7 +113,7 @@ def match(sig: Signature, tensors: dict[str, TensorInfo]) -> list[str] | None:
         got = len(shape) if fact.dim == "ndim" else (shape[fact.dim] if len(shape) > fact.dim else None)
         if got != fact.value:
             return None
-        what = "is {}-d".format(got) if fact.dim == "ndim" else f"has size {got} in dim {fact.dim}"
+        what = f"is {got}-d" if fact.dim == "ndim" else f"has size {got} in dim {fact.dim}"
         evidence.append(f"{key} {what}")
     return evidence
 

@@ -50,7 +50,8 @@ def _reshape_shape(shapes: list[Shape], args: tuple) -> Shape | None:
 OPS: dict[str, Op] = {
     "identity": Op(lambda xs, a: xs[0], lambda ss, a: ss[0]),
     "reshape": Op(lambda xs, a: xs[0].reshape(a[0]), _reshape_shape),
-    "transpose": Op(lambda xs, a: np.ascontiguousarray(xs[0].T), lambda ss, a: ss[0][::-1] if len(ss[0]) == 2 else None),
+    "transpose": Op(lambda xs, a: np.ascontiguousarray(xs[0].T),
+                    lambda ss, a: ss[0][::-1] if len(ss[0]) == 2 else None),
     "split": Op(lambda xs, a: np.split(xs[0], a[2], axis=a[0])[a[1]], _split_shape),
     "concat": Op(lambda xs, a: np.concatenate(xs, axis=a[0]), _concat_shape),
 }

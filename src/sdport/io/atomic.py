@@ -64,7 +64,8 @@ def check_target(target: str, *, force: bool, inputs: list[str], need_bytes: int
     """Refuse a target that exists (without ``force``), that is an input, or that will not fit."""
     target = os.path.abspath(target)
     for src in inputs:
-        if os.path.exists(target) and os.path.samefile(src, target) or os.path.realpath(target) == os.path.realpath(src):
+        same = os.path.exists(target) and os.path.samefile(src, target)
+        if same or os.path.realpath(target) == os.path.realpath(src):
             raise OutputError(target, "output would overwrite the input", "choose another output path")
     if os.path.lexists(target) and not force:
         raise OutputError(target, "output already exists", "pass --force to replace it")

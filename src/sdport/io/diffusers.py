@@ -46,8 +46,8 @@ def contained(folder: str, name: str, where: str) -> str:
     return full
 
 
-def _component_files(folder: str, variant: str | None) -> list[str]:
-    """The weight files of one component folder (shards resolved through their index)."""
+def _component_files(folder: str, variant: str | None) -> tuple[list[str], tuple[str, dict] | None]:
+    """The weight files of one component folder, and (index path, weight_map) when sharded."""
     names = set(os.listdir(folder))
     for stem in WEIGHT_STEMS:
         for ext in ("safetensors", "bin"):
@@ -56,11 +56,11 @@ def _component_files(folder: str, variant: str | None) -> list[str]:
             if index in names:
                 return _shards(folder, os.path.join(folder, index))
             if base in names:
-                return [os.path.join(folder, base)]
-    return []
+                return [os.path.join(folder, base)], None
+    return [], None
 
 
-def _shards(folder: str, index: str) -> list[str]:
+def _shards(folder: str, index: str) -> tuple[list[str], tuple[str, dict]]:
     doc = _strict_json(index)
     wm = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(wm, dict) or not wm:
@@ -73,13 +73,12 @@ def _shards(folder: str, index: str) -> list[str]:
     for f in files:
         if not os.path.isfile(f):
             raise FormatError(index, f"shard {os.path.basename(f)} is missing", "download the model again")
-    return files
+    return files, (index, wm)
 
 
-def _check_index(index: str, files: list[str], parts: list[TensorSource]) -> None:
-    wm = _strict_json(index)["weight_map"]
+def _check_index(index: str, wm: dict, files: list[str], parts: list[TensorSource]) -> None:
     found = {}
-    for file, part in zip(files, parts):
+    for file, part in zip(files, parts, strict=True):
         for key in part.tensors:
             if key in found:
                 raise FormatError(index, f"tensor '{key}' is in two shards", None)
@@ -93,21 +92,20 @@ def open_diffusers(path: str, *, variant: str | None = None) -> TensorSource:
     """All weights of a diffusers pipeline folder (or of one component folder)."""
     from . import open_file
 
-    if os.path.isfile(os.path.join(path, "config.json")) and _component_files(path, variant):
+    if os.path.isfile(os.path.join(path, "config.json")) and _component_files(path, variant)[0]:
         components = {"": path}
     else:
         components = {d: os.path.join(path, d) for d in sorted(os.listdir(path))
-                      if os.path.isdir(os.path.join(path, d)) and _component_files(os.path.join(path, d), variant)}
+                      if os.path.isdir(os.path.join(path, d)) and _component_files(os.path.join(path, d), variant)[0]}
     if not components:
         raise FormatError(path, "no model weights in this folder", "expected a diffusers folder with "
                           "unet/, vae/ … or a weights file")
     source = TensorSource(path=path, format="diffusers", tensors={})
     for comp, folder in components.items():
-        files = _component_files(folder, variant)
+        files, index = _component_files(folder, variant)
         parts = [open_file(f) for f in files]
-        index = [n for n in os.listdir(folder) if n.endswith(".index.json")]
-        if len(files) > 1 or (index and any(os.path.basename(files[0]) + ".index.json" == n for n in index)):
-            _check_index(os.path.join(folder, os.path.basename(files[0]) + ".index.json"), files, parts)
+        if index is not None:
+            _check_index(*index, files, parts)
         prefix = f"{comp}." if comp else ""
         for part in parts:
             for name, info in part.tensors.items():

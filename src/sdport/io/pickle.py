@@ -337,7 +337,7 @@ class _Machine:
             self.stack.append(target)
         if not isinstance(target, dict) or len(items) % 2:
             raise self.fail("invalid SETITEM target in pickle")
-        for k, v in zip(items[::2], items[1::2]):
+        for k, v in zip(items[::2], items[1::2], strict=True):
             try:
                 target[k] = v
             except TypeError:
@@ -416,7 +416,7 @@ class _Machine:
         if offset < 0 or any(d < 0 for d in shape + stride):
             raise self.fail("invalid tensor shape (negative size, stride or offset)")
         if all(shape):
-            last = offset + sum((d - 1) * st for d, st in zip(shape, stride))
+            last = offset + sum((d - 1) * st for d, st in zip(shape, stride, strict=True))
             if last >= storage.numel:
                 raise self.fail(f"tensor extent exceeds storage (element {last} of {storage.numel})")
         return TensorRecord(storage, offset, shape, stride)

@@ -36,7 +36,10 @@ def _no_constants(token: str) -> object:
     raise ValueError(f"'{token}' is not valid JSON")
 
 
-def parse_header(path: str, head: bytes, data_size: int) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str]]:
+Entry = tuple[str, tuple[int, ...], int, int]  # dtype, shape, begin, end
+
+
+def parse_header(path: str, head: bytes, data_size: int) -> tuple[dict[str, Entry], dict[str, str]]:
     """Validate a header's bytes; return name → (dtype, shape, begin, end) in offset order, and metadata."""
     stripped = head.strip(_WHITESPACE)
     try:

@@ -223,7 +223,7 @@ def _info(name: str, rec: rpickle.TensorRecord, locate) -> TensorInfo:
         expect.append(acc)
         acc *= d
     expect.reverse()
-    contiguous = all(d == 1 or s == e for d, s, e in zip(rec.shape, rec.stride, expect))
+    contiguous = all(d == 1 or s == e for d, s, e in zip(rec.shape, rec.stride, expect, strict=True))
     numel = math.prod(rec.shape)
     if contiguous or numel == 0:
         return TensorInfo(name, rec.storage.dtype, rec.shape, file, base + rec.offset * item, numel * item)

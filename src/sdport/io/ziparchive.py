@@ -139,7 +139,7 @@ def _check_locals(path: str, f, entries, cd_offset: int) -> dict[str, Entry]:
     ranges.sort()
     if not ranges or ranges[0][0] != 0:
         raise FormatError(path, "unexpected data before zip", "not a plain PyTorch archive")
-    for (_, end, a), (nxt, _, b) in zip(ranges, ranges[1:]):
+    for (_, end, a), (nxt, _, b) in zip(ranges, ranges[1:], strict=False):
         if end > nxt:
             raise FormatError(path, f"overlapping archive entries '{a}' and '{b}'", "the archive is crafted")
     if ranges[-1][1] > cd_offset:

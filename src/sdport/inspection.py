@@ -62,7 +62,7 @@ def render(report: dict[str, Any]) -> str:
     rows = [
         ("file", report["path"]),
         ("format", report["format"] + (f", weights under '{report['root']}'" if report["root"] else "")),
-        ("family", family + (f", {report['layout']} layout" if report["layout"] and report["layout"] != "adapter" else "")),
+        ("family", family + (f", {report['layout']} layout" if report["layout"] not in ("", "adapter") else "")),
         ("evidence", "; ".join(report["evidence"])),
         ("tensors", f"{report['tensors']:,}"),
         ("parameters", f"{report['parameters']:,}"),

@@ -1,0 +1,55 @@
+"""Plans are validated in full before anything is written; ops compute what numpy says they should."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sdport.errors import PlanError, UnknownKeyError
+from sdport.io.base import TensorInfo, TensorSource
+from sdport.plan import OutputFile, OutputTensor, Plan, compute, validate
+
+
+def _source(**shapes: tuple[int, ...]) -> TensorSource:
+    return TensorSource("m.safetensors", "safetensors",
+                        {k: TensorInfo(k, "F32", s, "m.safetensors", 0, 0) for k, s in shapes.items()})
+
+
+def _plan(*tensors: OutputTensor, dropped: dict | None = None) -> Plan:
+    return Plan([OutputFile("out", "safetensors", list(tensors))], dropped=dropped or {})
+
+
+def test_every_input_must_be_used_or_dropped_with_a_reason() -> None:
+    src = _source(a=(2,), b=(2,), c=(2,))
+    plan = _plan(OutputTensor("a", "F32", (2,), ("a",)), dropped={"b": "EMA copy"})
+    with pytest.raises(UnknownKeyError, match=r"1 tensor\(s\) no rule knows: c \(pass --allow-unknown"):
+        validate(plan, src)
+    validate(plan, src, allow_unknown=True)
+
+
+def test_shape_mismatch_names_both_shapes() -> None:
+    plan = _plan(OutputTensor("q", "F32", (4, 4), ("qkv",), "split", (0, 0, 3)))
+    with pytest.raises(PlanError, match=r"shape mismatch for 'q': expected \[4, 4\], inputs give \[\[12, 5\]\]"):
+        validate(plan, _source(qkv=(12, 5)))
+
+
+def test_an_output_defined_twice_is_refused() -> None:
+    t = OutputTensor("a", "F32", (2,), ("a",))
+    with pytest.raises(PlanError, match="defined twice"):
+        validate(_plan(t, t), _source(a=(2,)))
+
+
+def test_a_missing_input_is_refused() -> None:
+    with pytest.raises(PlanError, match="needs tensor 'zz'"):
+        validate(_plan(OutputTensor("a", "F32", (2,), ("zz",))), _source(a=(2,)))
+
+
+def test_split_concat_transpose_reshape_compute_like_numpy() -> None:
+    qkv = np.arange(36, dtype=np.float32).reshape(6, 6)
+    parts = [compute(OutputTensor(f"p{i}", "F32", (2, 6), ("qkv",), "split", (0, i, 3)), [qkv]) for i in range(3)]
+    np.testing.assert_array_equal(np.concatenate(parts), qkv)
+    joined = compute(OutputTensor("j", "F32", (6, 6), ("a", "b", "c"), "concat", (0,)), parts)
+    np.testing.assert_array_equal(joined, qkv)
+    np.testing.assert_array_equal(compute(OutputTensor("t", "F32", (6, 6), ("x",), "transpose"), [qkv]), qkv.T)
+    conv = compute(OutputTensor("r", "F16", (6, 6, 1, 1), ("x",), "reshape", ((6, 6, 1, 1),)), [qkv])
+    assert conv.shape == (6, 6, 1, 1) and conv.dtype == np.float16
