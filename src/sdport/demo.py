@@ -157,12 +157,19 @@ SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alph
                     "posterior_mean_coef1", "posterior_mean_coef2")
 
 
+def sd1_shapes(width: int = 32, *, full_size: bool = False) -> Shapes:
+    """Name → shape of every weight of an SD1.x single file: tiny (all widths ``width``) or SD1.5's real sizes."""
+    unet, ctx, vae = (320, 768, 128) if full_size else (width, width, width)
+    shapes: Shapes = {}
+    sd1_unet(shapes, "model.diffusion_model.", unet, ctx)
+    sd_vae(shapes, "first_stage_model.", vae)
+    clip_l(shapes, "cond_stage_model.transformer.", ctx)
+    return shapes
+
+
 def sd1_checkpoint(width: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
     """A whole SD1.x single-file state dict (fp32) with tiny widths and the real key names."""
-    shapes: Shapes = {}
-    sd1_unet(shapes, "model.diffusion_model.", width, width)
-    sd_vae(shapes, "first_stage_model.", width)
-    clip_l(shapes, "cond_stage_model.transformer.", width)
+    shapes = sd1_shapes(width)
     rng = np.random.default_rng(seed)
     sd = {}
     for name in SCHEDULE_BUFFERS:

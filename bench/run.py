@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Time sdport against cp+sync (and the torch/safetensors route users would otherwise take), interleaved.
+
+    python bench/run.py DATA_DIR [--reps 3] [--only NAME]
+
+Every operation is its own process under GNU time (wall, peak RSS). Repetition i runs every
+operation once, in order, so that cp+sync of the same bytes is measured beside each of them on a
+shared, noisy machine; ratios are paired per repetition, then the median is taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+PY = sys.executable
+SDPORT = [PY, "-m", "sdport"]
+REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_ops.py")
+
+
+def operations(data: str, out: str) -> list[tuple[str, str, list[str], str]]:
+    """(name, floor name, command, output path): each op is compared with the cp of its input."""
+    st, ck = os.path.join(data, "sd15-fp32.safetensors"), os.path.join(data, "sd15-fp32.ckpt")
+    o = lambda name: os.path.join(out, name)  # noqa: E731
+    return [
+        ("cp+sync st", "", ["sh", "-c", f"cp {st} {o('cp.st')} && sync {o('cp.st')}"], o("cp.st")),
+        ("sdport repackage st->st", "cp+sync st", SDPORT + ["convert", st, o("re.safetensors"), "-q"],
+         o("re.safetensors")),
+        ("safetensors load+save (torch)", "cp+sync st", [PY, REF, "st_rewrite", st, o("ref.safetensors")],
+         o("ref.safetensors")),
+        ("sdport fp32->fp16", "cp+sync st", SDPORT + ["convert", st, o("h.safetensors"), "--dtype", "fp16", "-q"],
+         o("h.safetensors")),
+        ("torch load+half+save", "cp+sync st", [PY, REF, "st_half", st, o("refh.safetensors")],
+         o("refh.safetensors")),
+        ("cp+sync ckpt", "", ["sh", "-c", f"cp {ck} {o('cp.ckpt')} && sync {o('cp.ckpt')}"], o("cp.ckpt")),
+        ("sdport ckpt->st", "cp+sync ckpt", SDPORT + ["convert", ck, o("c.safetensors"), "-q"], o("c.safetensors")),
+        ("torch.load+save_file", "cp+sync ckpt", [PY, REF, "ckpt_to_st", ck, o("refc.safetensors")],
+         o("refc.safetensors")),
+        ("sdport st->ckpt", "cp+sync st", SDPORT + ["convert", st, o("s.ckpt"), "-q"], o("s.ckpt")),
+        ("sdport --help", "", SDPORT + ["--help"], ""),
+    ]
+
+
+def timed(cmd: list[str]) -> tuple[float, float, int]:
+    """Wall seconds, peak RSS in MB, exit status — from GNU time."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as t:
+        p = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", t.name, *cmd], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+        wall, rss_kb = t.read().split()[-2:]
+    if p.returncode:
+        print(f"  FAILED ({p.returncode}): {p.stderr.strip()[-300:]}", file=sys.stderr)
+    return float(wall), int(rss_kb) / 1024, p.returncode
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("data")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--only", default="")
+    args = ap.parse_args()
+    out = os.path.join(args.data, "out")
+    ops = [op for op in operations(args.data, out) if args.only in op[0] or op[0].startswith("cp+sync")]
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name, *_ in ops}
+    ratios: dict[str, list[float]] = {name: [] for name, *_ in ops}
+    for rep in range(args.reps):
+        last: dict[str, float] = {}
+        for name, floor, cmd, target in ops:
+            shutil.rmtree(out, ignore_errors=True)
+            os.makedirs(out)
+            wall, rss, code = timed(cmd)
+            size = os.path.getsize(target) if target and os.path.exists(target) else 0
+            print(f"rep {rep} {name:32s} {wall:7.2f} s {rss:8.0f} MB  out {size:,} B rc={code}", flush=True)
+            runs[name].append((wall, rss))
+            last[name] = wall
+            if floor:
+                ratios[name].append(wall / last[floor])
+    shutil.rmtree(out, ignore_errors=True)
+    table = ["| operation | wall median (s) | × cp+sync (paired median) | peak RSS median (MB) |",
+             "|---|---:|---:|---:|"]
+    for name, *_ in ops:
+        walls, rss = [w for w, _ in runs[name]], [r for _, r in runs[name]]
+        ratio = f"{statistics.median(ratios[name]):.2f}" if ratios[name] else "—"
+        table.append(f"| {name} | {statistics.median(walls):.2f} | {ratio} | {statistics.median(rss):.0f} |")
+    print("\n".join(table))
+    with open(os.path.join(args.data, "results.json"), "w") as f:
+        json.dump({"runs": runs, "ratios": ratios}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
