@@ -66,6 +66,24 @@ def test_dtype_change_equals_torch_to(demo_ckpt, tmp_path, dtype, torch_dtype) -
         assert got[k].dtype == want.dtype and torch.equal(got[k], want), k
 
 
+@pytest.mark.parametrize("dtype,torch_dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_a_cast_done_in_pieces_is_bit_identical_to_torch(monkeypatch, tmp_path, dtype, torch_dtype) -> None:
+    import sdport.execute
+
+    monkeypatch.setattr(sdport.execute, "CAST_CHUNK", 1000)  # 250 floats a piece: many pieces per tensor
+    specials = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf"), 1e-45, -0.0, 65520.0, 1e-8])
+    big = torch.cat([specials, torch.randn(10_007, generator=torch.Generator().manual_seed(1))]).reshape(1, 10_015)
+    src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    safetensors.torch.save_file({"big": big, "small": big[0, :7].clone(), "ids": torch.arange(5)}, str(src))
+    sdport.convert(src, out, dtype=dtype)
+    got = safetensors.torch.load_file(str(out))
+    assert got["ids"].dtype == torch.int64 and torch.equal(got["ids"], torch.arange(5))
+    for k in ("big", "small"):
+        want = safetensors.torch.load_file(str(src))[k].to(torch_dtype)
+        assert got[k].shape == want.shape
+        assert torch.equal(got[k].view(torch.int16), want.view(torch.int16)), k  # bits, NaN payloads included
+
+
 def test_safetensors_to_ckpt_keeps_metadata_out_and_wraps_full_models(demo_ckpt, tmp_path) -> None:
     st, ck = tmp_path / "a.safetensors", tmp_path / "a.pt"
     run_cli("convert", demo_ckpt, st, "-q")

@@ -1,20 +1,25 @@
 """Streams a validated plan from its source files into writers: the only code that moves tensor bytes.
 
-One output tensor (plus its inputs) is in memory at a time; a tensor whose bytes pass through
-unchanged is copied file to file by the kernel without entering Python memory.
+One output tensor (plus its inputs) is in memory at a time — a large tensor that is only cast, in
+pieces of ``CAST_CHUNK`` bytes — and a tensor whose bytes pass through unchanged is copied file to
+file by the kernel without entering Python memory.
 """
 
 from __future__ import annotations
 
 import os
 
+from .dtypes import cast
 from .io.atomic import check_target
 from .io.base import TensorSource
 from .io.safetensors import SafetensorsWriter
 from .io.torch import TorchWriter
 from .io.writer import StreamWriter
-from .plan import OutputFile, Plan, compute, is_passthrough
+from .plan import OutputFile, Plan, compute, is_elementwise, is_passthrough
 from .progress import Progress
+
+#: a cast of a tensor larger than this is done piece by piece, so memory stays bounded whatever the tensor's size
+CAST_CHUNK = 16 << 20
 
 
 def writer_for(out: OutputFile, target: str, *, force: bool) -> StreamWriter:
@@ -38,9 +43,11 @@ def execute(plan: Plan, source: TensorSource, target: str, *, force: bool = Fals
             writer_for(out, target, force=force) as writer:
         writer.begin([t.slot() for t in out.tensors], out.metadata)
         for t in out.tensors:
+            info = source.tensors[t.inputs[0]]
             if is_passthrough(t, source):
-                info = source.tensors[t.inputs[0]]
                 writer.copy(t.name, source.fd(info.file), info.offset, info.nbytes, info.file)
+            elif is_elementwise(t, source) and info.nbytes > CAST_CHUNK:
+                writer.write_parts(t.name, (cast(c, t.dtype) for c in source.read_chunks(info, CAST_CHUNK)))
             else:
                 writer.write(t.name, compute(t, [source.read(i) for i in t.inputs]))
             bar.update(t.slot().nbytes)

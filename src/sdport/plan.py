@@ -137,9 +137,11 @@ def compute(t: OutputTensor, arrays: Sequence[np.ndarray]) -> np.ndarray:
     return cast(OPS[t.op].compute(list(arrays), t.args), t.dtype)
 
 
+def is_elementwise(t: OutputTensor, source: TensorSource) -> bool:
+    """True when the output is one contiguous input, element for element, perhaps cast (computable in pieces)."""
+    return t.op in ("identity", "reshape") and len(t.inputs) == 1 and source.tensors[t.inputs[0]].contiguous
+
+
 def is_passthrough(t: OutputTensor, source: TensorSource) -> bool:
     """True when the output bytes are exactly one input's bytes (copyable file to file)."""
-    if t.op not in ("identity", "reshape") or len(t.inputs) != 1:
-        return False
-    info = source.tensors[t.inputs[0]]
-    return info.contiguous and info.dtype == t.dtype
+    return is_elementwise(t, source) and source.tensors[t.inputs[0]].dtype == t.dtype

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,18 +98,33 @@ class TensorSource:
             self._fds[file] = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         return self._fds[file]
 
-    def read_bytes(self, info: TensorInfo) -> np.ndarray:
-        """The raw bytes of a contiguous tensor (or of a view's whole storage) as a uint8 array."""
-        count = info.nbytes if info.contiguous else info.storage_nbytes
+    def read_bytes(self, info: TensorInfo, start: int = 0, count: int | None = None) -> np.ndarray:
+        """Raw bytes of a contiguous tensor (or of a view's whole storage) as a uint8 array.
+
+        ``start``/``count`` select a byte range of it; by default all of it.
+        """
+        if count is None:
+            count = (info.nbytes if info.contiguous else info.storage_nbytes) - start
         buf = np.empty(count, dtype=np.uint8)
         view = memoryview(buf)
         fd, done = self.fd(info.file), 0
         while done < count:
-            n = os.preadv(fd, [view[done:]], info.offset + done)
+            try:
+                n = os.preadv(fd, [view[done:]], info.offset + start + done)
+            except OSError as exc:
+                raise FormatError(info.file, f"read error ({exc.strerror or exc})",
+                                  "the disk holding the input failed") from exc
             if n == 0:
                 raise FormatError(info.file, f"file ends inside tensor '{info.name}'", "the file is truncated")
             done += n
         return buf
+
+    def read_chunks(self, info: TensorInfo, max_bytes: int) -> Iterator[np.ndarray]:
+        """A contiguous tensor's values as flat arrays of at most ``max_bytes`` bytes each, in order."""
+        dt = BY_CODE[info.dtype].numpy
+        step = max(1, max_bytes // dt.itemsize) * dt.itemsize
+        for start in range(0, info.nbytes, step):
+            yield self.read_bytes(info, start, min(step, info.nbytes - start)).view(dt)
 
     def read(self, name: str) -> np.ndarray:
         """Tensor ``name`` as a new numpy array with its shape and dtype."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -50,11 +50,20 @@ class StreamWriter:
         self._start(self.slots, dict(metadata or {}))
 
     def write(self, name: str, array: np.ndarray) -> None:
+        self.write_parts(name, (array,))
+
+    def write_parts(self, name: str, parts: Iterable[np.ndarray]) -> None:
+        """Write tensor ``name`` from consecutive pieces of its flat bytes, so a big cast never sits whole in memory."""
         slot = self._next(name)
-        data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-        if data.nbytes != slot.nbytes:
-            raise RuntimeError(f"tensor '{name}': {data.nbytes} bytes for a slot of {slot.nbytes}")
-        self.emit(memoryview(data), tensor=True)
+        total = 0
+        for part in parts:
+            data = np.ascontiguousarray(part).reshape(-1).view(np.uint8)
+            total += data.nbytes
+            if total > slot.nbytes:
+                break
+            self.emit(memoryview(data), tensor=True)
+        if total != slot.nbytes:
+            raise RuntimeError(f"tensor '{name}': {total}+ bytes for a slot of {slot.nbytes}")
         self._close_tensor(slot)
 
     def copy(self, name: str, src_fd: int, offset: int, nbytes: int, src_path: str) -> None:
