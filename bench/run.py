@@ -58,6 +58,24 @@ def timed(cmd: list[str]) -> tuple[float, float, int]:
     return float(wall), int(rss_kb) / 1024, p.returncode
 
 
+def settle(data: str) -> None:
+    """Start each repetition alike: dirty pages written, page cache dropped (when root), inputs read back in.
+
+    On this machine the kernel's reclaim makes cp's own time swing 2-3x once the cache is full of
+    earlier outputs; dropping it between repetitions keeps every operation on cached inputs and a
+    clean cache.
+    """
+    subprocess.run(["sync"], check=True)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+    except OSError:
+        print("  (cannot drop the page cache: not root)", file=sys.stderr)
+    for name in sorted(os.listdir(data)):
+        if name.startswith("sd15-"):
+            subprocess.run(["cat", os.path.join(data, name)], stdout=subprocess.DEVNULL, check=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("data")
@@ -69,6 +87,7 @@ def main() -> None:
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name, *_ in ops}
     ratios: dict[str, list[float]] = {name: [] for name, *_ in ops}
     for rep in range(args.reps):
+        settle(args.data)
         last: dict[str, float] = {}
         for name, floor, cmd, target in ops:
             shutil.rmtree(out, ignore_errors=True)

@@ -8,18 +8,26 @@ file by the kernel without entering Python memory.
 from __future__ import annotations
 
 import os
+from collections import deque
+from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 
-from .dtypes import cast
+import numpy as np
+
+from .dtypes import BY_CODE, cast
 from .io.atomic import check_target
-from .io.base import TensorSource
+from .io.base import TensorInfo, TensorSource
 from .io.safetensors import SafetensorsWriter
 from .io.torch import TorchWriter
 from .io.writer import StreamWriter
-from .plan import OutputFile, Plan, compute, is_elementwise, is_passthrough
+from .plan import OutputFile, OutputTensor, Plan, compute, is_elementwise, is_passthrough
 from .progress import Progress
 
 #: a cast of a tensor larger than this is done piece by piece, so memory stays bounded whatever the tensor's size
 CAST_CHUNK = 16 << 20
+#: threads computing pieces ahead of the writer
+WORKERS = 2
 
 
 def writer_for(out: OutputFile, target: str, *, force: bool) -> StreamWriter:
@@ -34,21 +42,80 @@ def execute(plan: Plan, source: TensorSource, target: str, *, force: bool = Fals
     """Write the plan's single output file at ``target``, atomically.
 
     The caller has validated the plan. Nothing exists at ``target`` unless every tensor was written
-    and the file was flushed to disk.
+    and the file was flushed to disk. Tensors that must be computed (cast, split, …) are computed a few
+    pieces ahead in worker threads while earlier pieces are being written.
     """
     (out,) = plan.files
     inputs = sorted({info.file for info in source.tensors.values()})
     check_target(target, force=force, inputs=inputs + [source.path], need_bytes=plan.nbytes)
-    with Progress(plan.nbytes, os.path.basename(target), enabled=progress) as bar, \
-            writer_for(out, target, force=force) as writer:
-        writer.begin([t.slot() for t in out.tensors], out.metadata)
-        for t in out.tensors:
-            info = source.tensors[t.inputs[0]]
-            if is_passthrough(t, source):
-                writer.copy(t.name, source.fd(info.file), info.offset, info.nbytes, info.file)
-            elif is_elementwise(t, source) and info.nbytes > CAST_CHUNK:
-                writer.write_parts(t.name, (cast(c, t.dtype) for c in source.read_chunks(info, CAST_CHUNK)))
-            else:
-                writer.write(t.name, compute(t, [source.read(i) for i in t.inputs]))
-            bar.update(t.slot().nbytes)
-        writer.commit()
+    for file in inputs:
+        source.fd(file)  # open every input here, so the worker thread never touches the descriptor table
+    computed = [t for t in out.tensors if not is_passthrough(t, source)]
+    pieces = _ahead(_pieces(computed, source))
+    try:
+        with Progress(plan.nbytes, os.path.basename(target), enabled=progress) as bar, \
+                writer_for(out, target, force=force) as writer:
+            writer.begin([t.slot() for t in out.tensors], out.metadata)
+            for t in out.tensors:
+                if is_passthrough(t, source):
+                    info = source.tensors[t.inputs[0]]
+                    writer.copy(t.name, source.fd(info.file), info.offset, info.nbytes, info.file)
+                else:
+                    writer.write_parts(t.name, _parts_of(t.name, pieces))
+                bar.update(t.slot().nbytes)
+            writer.commit()
+    finally:
+        pieces.close()
+
+
+def _pieces(tensors: list[OutputTensor], source: TensorSource) -> Iterator[tuple[str, Callable[[], np.ndarray], bool]]:
+    """(name, compute-one-piece, last) for each computed tensor in order: one piece, or many for a big cast."""
+    for t in tensors:
+        info = source.tensors[t.inputs[0]]
+        if is_elementwise(t, source) and info.nbytes > CAST_CHUNK:
+            step = CAST_CHUNK - CAST_CHUNK % BY_CODE[info.dtype].itemsize
+            for start in range(0, info.nbytes, step):
+                count = min(step, info.nbytes - start)
+                piece = partial(_cast_range, source, info, start, count, t.dtype)
+                yield t.name, piece, start + count == info.nbytes
+        else:
+            yield t.name, partial(_compute_whole, source, t), True
+
+
+def _cast_range(source: TensorSource, info: TensorInfo, start: int, count: int, dtype: str) -> np.ndarray:
+    return cast(source.read_flat(info, start, count), dtype)
+
+
+def _compute_whole(source: TensorSource, t: OutputTensor) -> np.ndarray:
+    return compute(t, [source.read(i) for i in t.inputs])
+
+
+def _parts_of(name: str, pieces: Iterator[tuple[str, np.ndarray, bool]]) -> Iterator[np.ndarray]:
+    """The pieces of tensor ``name`` from the shared stream, up to its last one."""
+    for got, array, last in pieces:
+        if got != name:
+            raise RuntimeError(f"computed '{got}' while writing '{name}'")
+        yield array
+        if last:
+            return
+
+
+def _ahead(jobs: Iterator[tuple[str, Callable[[], np.ndarray], bool]]) -> Generator[tuple[str, np.ndarray, bool]]:
+    """Each job's result in order, up to ``WORKERS`` jobs computed ahead in threads while the caller writes.
+
+    numpy's casts and ``preadv`` release the GIL, so reading and casting overlap with writing.
+    Closing the generator cancels the jobs not started and waits for those running.
+    """
+    pending: deque[tuple[str, Future, bool]] = deque()
+    pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="sdport-compute")
+    try:
+        for name, job, last in jobs:
+            pending.append((name, pool.submit(job), last))
+            if len(pending) > WORKERS:
+                name, future, last = pending.popleft()
+                yield name, future.result(), last
+        while pending:
+            name, future, last = pending.popleft()
+            yield name, future.result(), last
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -119,12 +118,9 @@ class TensorSource:
             done += n
         return buf
 
-    def read_chunks(self, info: TensorInfo, max_bytes: int) -> Iterator[np.ndarray]:
-        """A contiguous tensor's values as flat arrays of at most ``max_bytes`` bytes each, in order."""
-        dt = BY_CODE[info.dtype].numpy
-        step = max(1, max_bytes // dt.itemsize) * dt.itemsize
-        for start in range(0, info.nbytes, step):
-            yield self.read_bytes(info, start, min(step, info.nbytes - start)).view(dt)
+    def read_flat(self, info: TensorInfo, start: int, count: int) -> np.ndarray:
+        """``count`` bytes of a contiguous tensor from byte ``start``, as a flat array of its dtype."""
+        return self.read_bytes(info, start, count).view(BY_CODE[info.dtype].numpy)
 
     def read(self, name: str) -> np.ndarray:
         """Tensor ``name`` as a new numpy array with its shape and dtype."""
