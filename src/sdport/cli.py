@@ -48,17 +48,21 @@ def inspect_cmd(source: str, as_json: bool) -> None:
 @click.option("--dtype", default="keep", type=click.Choice(["keep", "fp32", "fp16", "bf16"]), show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "ckpt"]),
               help="Single-file format (default: from DST's suffix).")
+@click.option("--ema", is_flag=True, help="Convert the UNet's EMA copy instead of its plain weights.")
+@click.option("--components", help="Only these parts, comma-separated: unet,vae,text_encoder,text_encoder_2.")
+@click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]),
+              help="What the UNet predicts, where the file cannot tell (SD2-base 512: epsilon).")
 @click.option("--allow-unknown", is_flag=True, help="Copy tensors no rule knows instead of refusing.")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @click.option("--report", is_flag=True, help="List every input entry left out, with the reason.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def convert_cmd(src: str, dst: str, to: str | None, dtype: str, fmt: str | None, allow_unknown: bool,
-                force: bool, report: bool, quiet: bool) -> None:
+def convert_cmd(src: str, dst: str, to: str | None, dtype: str, fmt: str | None, ema: bool, components: str | None,
+                prediction_type: str | None, allow_unknown: bool, force: bool, report: bool, quiet: bool) -> None:
     """Convert SRC to DST (another format, layout or dtype), streaming, atomically."""
     from .conversion import convert
 
-    result = convert(src, dst, to=to, dtype=dtype, format=fmt, allow_unknown=allow_unknown, force=force,
-                     progress=not quiet)
+    result = convert(src, dst, to=to, dtype=dtype, format=fmt, ema=ema, components=components,
+                     prediction_type=prediction_type, allow_unknown=allow_unknown, force=force, progress=not quiet)
     if not quiet:
         click.echo(f"wrote {result.output}: {result.tensors} tensors, {result.bytes:,} bytes"
                    + (f", {len(result.dropped)} entries left out" if result.dropped else ""), err=True)

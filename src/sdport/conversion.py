@@ -9,13 +9,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .detect import detect
+from .detect import Detection, detect, prediction_type
 from .dtypes import USER_NAMES
 from .errors import SdportError
 from .execute import execute
+from .families import FAMILIES
 from .io import open_tensors
 from .io.base import TensorSource
-from .plan import OutputFile, OutputTensor, Plan, validate
+from .layouts import LayoutRequest, to_diffusers, to_single_file
+from .plan import OutputFile, Plan, derive, validate
 
 CKPT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 FULL_CHECKPOINTS = ("sd1", "sd2", "sdxl-base", "sdxl-refiner")
@@ -30,6 +32,8 @@ class ConvertResult:
     bytes: int
     dropped: dict[str, str] = field(default_factory=dict)
     unknown: list[str] = field(default_factory=list)
+    family: str = ""
+    prediction_type: str = ""
 
 
 def _target_format(dst: str, fmt: str | None) -> str:
@@ -60,10 +64,7 @@ def _dtype_code(dtype: str) -> str | None:
 
 def repackage_plan(source: TensorSource, fmt: str, dtype: str | None, root: str) -> Plan:
     """Same tensors, same names, in source order; float tensors cast to ``dtype`` when given."""
-    tensors = []
-    for name, info in source.tensors.items():
-        out_dtype = dtype if dtype and info.dtype in ("F64", "F32", "F16", "BF16") else info.dtype
-        tensors.append(OutputTensor(name, out_dtype, info.shape, (name,)))
+    tensors = [derive(name, dtype, source, (name,)) for name in source.tensors]
     metadata = dict(source.metadata) if fmt == "safetensors" else {}
     if fmt == "safetensors":
         metadata.setdefault("format", "pt")
@@ -72,7 +73,8 @@ def repackage_plan(source: TensorSource, fmt: str, dtype: str | None, root: str)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = None, dtype: str = "keep",
-            format: str | None = None, allow_unknown: bool = False, force: bool = False,
+            format: str | None = None, ema: bool = False, components: str | list[str] | None = None,
+            prediction_type: str | None = None, allow_unknown: bool = False, force: bool = False,
             progress: bool = False) -> ConvertResult:
     """Convert a model file or folder to another layout, format or dtype.
 
@@ -82,7 +84,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
         to: ``single-file`` or ``diffusers``.
         dtype: ``keep``, ``fp32``, ``fp16`` or ``bf16`` (float tensors only).
         format: ``safetensors`` or ``ckpt`` for single-file outputs.
-        allow_unknown: copy tensors no rule knows instead of refusing.
+        ema: take the UNet's EMA copy (original files that carry one).
+        components: only these parts (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``), list or comma-separated.
+        prediction_type: ``epsilon`` or ``v_prediction``, where the file cannot tell.
+        allow_unknown: tensors no rule knows are copied (single file) or left out (diffusers) instead of refused.
         force: replace an existing output.
 
     Returns:
@@ -93,15 +98,69 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
     """
     src, dst = os.fspath(src), os.fspath(dst)
     layout = _target_layout(dst, to)
-    code = _dtype_code(dtype)
-    fmt = _target_format(dst, format)
+    request = LayoutRequest(dtype=_dtype_code(dtype), ema=ema, components=_components(components),
+                            prediction_type=_prediction_type(prediction_type), fmt=_target_format(dst, format))
     with open_tensors(src) as source:
-        if layout == "diffusers" or source.format == "diffusers":
-            raise SdportError(src, "conversion between single-file and diffusers layouts is not available yet",
-                              "this version converts single files between formats and dtypes")
         found = detect(source.tensors, source.metadata)
-        root = source.root or ("state_dict" if found.family in FULL_CHECKPOINTS else "")
-        plan = repackage_plan(source, fmt, code, root)
+        from_diffusers = source.format == "diffusers" or found.layout == "diffusers"
+        if layout == "diffusers" and not from_diffusers:
+            plan = to_diffusers(source, _family(source, found), _prediction(request, found), variant=found.variant)
+        elif layout == "single-file" and from_diffusers:
+            plan = to_single_file(source, _family(source, found), request)
+        elif layout == "diffusers":
+            raise SdportError(src, "already a diffusers folder", "convert it to a single file, or copy the folder")
+        else:
+            if ema or components:
+                raise SdportError(src, "--ema and --components need a conversion to or from diffusers",
+                                  "add --to diffusers")
+            root = source.root or ("state_dict" if found.family in FULL_CHECKPOINTS else "")
+            plan = repackage_plan(source, request.fmt, request.dtype, root)
+        _place_unknown(plan, source, allow_unknown)
         validate(plan, source, allow_unknown=allow_unknown)
         execute(plan, source, dst, force=force, progress=progress)
-        return ConvertResult(dst, sum(len(f.tensors) for f in plan.files), plan.nbytes, plan.dropped, plan.unknown)
+        return ConvertResult(dst, sum(len(f.tensors) for f in plan.files), plan.nbytes, plan.dropped, plan.unknown,
+                             found.family, request.prediction_type or "")
+
+
+def _family(source: TensorSource, found: Detection) -> str:
+    if found.family not in FAMILIES:
+        raise SdportError(source.path, f"cannot convert a model of family '{found.family}' between layouts",
+                          "sdport converts sd1, sd2, sdxl-base, sdxl-refiner, vae, unet and controlnet models")
+    return found.family
+
+
+def _components(components: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...] | None:
+    if not components:
+        return None
+    items = components.split(",") if isinstance(components, str) else list(components)
+    return tuple(c.strip() for c in items if c.strip())
+
+
+def _prediction_type(value: str | None) -> str | None:
+    names = {"epsilon": "epsilon", "eps": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction",
+             "v-prediction": "v_prediction"}
+    if value is None:
+        return None
+    if value not in names:
+        raise SdportError(None, f"unknown --prediction-type {value!r}", "use epsilon or v_prediction")
+    return names[value]
+
+
+def _prediction(request: LayoutRequest, found: Detection) -> LayoutRequest:
+    """The request with the prediction type decided: the user's, else the file's, else the family's default."""
+    if request.prediction_type is None:
+        request.prediction_type = prediction_type(found)[0]
+    return request
+
+
+def _place_unknown(plan: Plan, source: TensorSource, allow_unknown: bool) -> None:
+    """With --allow-unknown, tensors no rule knows are copied unchanged into a single file, or left out of a folder."""
+    if not allow_unknown:
+        return
+    used = {i for f in plan.files for t in f.tensors for i in t.inputs}
+    left = [k for k in source.tensors if k not in used and k not in plan.dropped]
+    plan.unknown += left
+    if len(plan.files) == 1 and plan.files[0].path == "." and not plan.extra:
+        plan.files[0].tensors += [derive(k, None, source, (k,)) for k in left]
+    else:
+        plan.dropped.update({k: "no rule knows it: left out (--allow-unknown)" for k in left})

@@ -87,6 +87,7 @@ class Detection:
     variant: str = ""
     adapter_format: str = ""
     evidence: list[str] = field(default_factory=list)
+    prediction: str = ""  # the evidence that the model predicts v, when the file says so
 
 
 def _first(pattern: str, tensors: dict[str, TensorInfo]) -> str | None:
@@ -141,6 +142,18 @@ def _variant(found: Detection, tensors: dict[str, TensorInfo], metadata: dict[st
         if channels in names:
             found.variant = names[channels]
             found.evidence.append(f"{key} takes {channels} input channels")
-    if "v_pred" in tensors or metadata.get("modelspec.prediction_type", "").startswith("v"):
+    said = metadata.get("modelspec.predict_key") or metadata.get("modelspec.prediction_type", "")
+    if "v_pred" in tensors or said.startswith("v"):
         found.variant = (found.variant + "+v-prediction").lstrip("+")
-        found.evidence.append("v_pred marker present" if "v_pred" in tensors else "modelspec.prediction_type says v")
+        found.prediction = "v_pred marker present" if "v_pred" in tensors else f"modelspec metadata says {said}"
+        found.evidence.append(found.prediction)
+
+
+def prediction_type(found: Detection) -> tuple[str, str]:
+    """``epsilon`` or ``v_prediction`` for a detected model, and how it was decided."""
+    if found.prediction:
+        return "v_prediction", f"the file says so ({found.prediction})"
+    if found.family == "sd2":
+        return "v_prediction", ("SD2's default: the 768 px v-prediction models are the common ones; pass "
+                                "--prediction-type epsilon for SD2-base (512 px)")
+    return "epsilon", f"{found.family}'s default (the file has no v-prediction marker)"

@@ -16,7 +16,7 @@ from functools import partial
 import numpy as np
 
 from .dtypes import BY_CODE, cast
-from .io.atomic import check_target
+from .io.atomic import AtomicDir, check_target
 from .io.base import TensorInfo, TensorSource
 from .io.safetensors import SafetensorsWriter
 from .io.torch import TorchWriter
@@ -39,22 +39,33 @@ def writer_for(out: OutputFile, target: str, *, force: bool) -> StreamWriter:
 
 
 def execute(plan: Plan, source: TensorSource, target: str, *, force: bool = False, progress: bool = True) -> None:
-    """Write the plan's single output file at ``target``, atomically.
+    """Write the plan at ``target`` atomically: one file, or a folder when the plan has several files or extras.
 
     The caller has validated the plan. Nothing exists at ``target`` unless every tensor was written
-    and the file was flushed to disk. Tensors that must be computed (cast, split, …) are computed a few
-    pieces ahead in worker threads while earlier pieces are being written.
+    and every file flushed to disk. Tensors that must be computed (cast, split, …) are computed a
+    few pieces ahead in worker threads while earlier pieces are being written.
     """
-    (out,) = plan.files
     inputs = sorted({info.file for info in source.tensors.values()})
     check_target(target, force=force, inputs=inputs + [source.path], need_bytes=plan.nbytes)
     for file in inputs:
-        source.fd(file)  # open every input here, so the worker thread never touches the descriptor table
+        source.fd(file)  # open every input here, so the worker threads never touch the descriptor table
+    with Progress(plan.nbytes, os.path.basename(target), enabled=progress) as bar:
+        if len(plan.files) == 1 and plan.files[0].path == "." and not plan.extra:
+            _write_file(plan.files[0], source, target, force, bar)
+            return
+        with AtomicDir(target, force=force) as folder:
+            for out in plan.files:
+                _write_file(out, source, folder.path(out.path), False, bar)
+            for relative, data in plan.extra.items():
+                folder.write_bytes(relative, data)
+            folder.commit()
+
+
+def _write_file(out: OutputFile, source: TensorSource, path: str, force: bool, bar: Progress) -> None:
     computed = [t for t in out.tensors if not is_passthrough(t, source)]
     pieces = _ahead(_pieces(computed, source))
     try:
-        with Progress(plan.nbytes, os.path.basename(target), enabled=progress) as bar, \
-                writer_for(out, target, force=force) as writer:
+        with writer_for(out, path, force=force) as writer:
             writer.begin([t.slot() for t in out.tensors], out.metadata)
             for t in out.tensors:
                 if is_passthrough(t, source):

@@ -91,6 +91,7 @@ class Plan:
     files: list[OutputFile]
     dropped: dict[str, str] = field(default_factory=dict)  # input name → reason
     unknown: list[str] = field(default_factory=list)  # input names let through by --allow-unknown
+    extra: dict[str, bytes] = field(default_factory=dict)  # other files of a folder output (configs, tokenizers)
 
     @property
     def nbytes(self) -> int:
@@ -130,6 +131,22 @@ def _check_tensor(t: OutputTensor, source: TensorSource, where: str) -> None:
                         f"{[list(s) for s in shapes]}", "the model is of another family or damaged")
     if t.dtype not in BY_CODE:
         raise PlanError(where, f"'{t.name}': unknown dtype {t.dtype}", None)
+
+
+def derive(name: str, cast_to: str | None, source: TensorSource, inputs: tuple[str, ...], op: str = "identity",
+           args: tuple = ()) -> OutputTensor:
+    """The output tensor ``op(inputs)``: shape from the op; dtype the first input's, or ``cast_to`` for floats."""
+    missing = [i for i in inputs if i not in source.tensors]
+    if missing:
+        raise PlanError(source.path, f"'{name}' needs tensor '{missing[0]}', which the model lacks",
+                        "the model is incomplete or of another family")
+    shape = OPS[op].shape([source.tensors[i].shape for i in inputs], args)
+    if shape is None:
+        shapes = [list(source.tensors[i].shape) for i in inputs]
+        raise PlanError(source.path, f"tensors {list(inputs)} of shapes {shapes} do not fit '{op}' for '{name}'",
+                        "the model is damaged or of another family")
+    dtype = source.tensors[inputs[0]].dtype
+    return OutputTensor(name, cast_to if cast_to and BY_CODE[dtype].is_float else dtype, shape, inputs, op, args)
 
 
 def compute(t: OutputTensor, arrays: Sequence[np.ndarray]) -> np.ndarray:

@@ -149,3 +149,73 @@ def publish(tmp: str, target: str, *, force: bool) -> None:
         else:
             os.unlink(tmp)
     fsync_dir(os.path.dirname(target))
+
+
+class AtomicDir:
+    """A folder built under a temp name beside ``target`` and renamed onto it only by ``commit``.
+
+    With ``force``, an existing target is moved aside, replaced, then deleted, so the target path
+    always holds either the old folder or the complete new one.
+    """
+
+    def __init__(self, target: str, *, force: bool = False):
+        self.target = os.path.abspath(target)
+        self.force = force
+        remove_stale_temps(os.path.dirname(self.target))
+        self.tmp = temp_name(self.target)
+        try:
+            os.mkdir(self.tmp)
+        except OSError as exc:
+            raise disk_error(self.target, exc) from exc
+        self.done = False
+
+    def __enter__(self) -> AtomicDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.done:
+            self.abort()
+
+    def path(self, relative: str) -> str:
+        """Where to write ``relative`` (a path sdport chose) inside the folder; its parent folders are made."""
+        full = os.path.join(self.tmp, relative)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        return full
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        """Write a small file (a config, a tokenizer file) and flush it to disk."""
+        try:
+            fd = os.open(self.path(relative), os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                         0o666)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise disk_error(self.target, exc) from exc
+
+    def commit(self) -> None:
+        try:
+            for folder, _, _ in os.walk(self.tmp):
+                fsync_dir(folder)
+            old = None
+            if os.path.lexists(self.target):
+                if not self.force:
+                    raise OutputError(self.target, "output already exists", "pass --force to replace it")
+                old = temp_name(self.target)
+                os.rename(self.target, old)
+            os.rename(self.tmp, self.target)
+            fsync_dir(os.path.dirname(self.target))
+        except OSError as exc:
+            self.abort()
+            raise disk_error(self.target, exc) from exc
+        self.done = True
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.done = True

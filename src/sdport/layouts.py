@@ -1,0 +1,164 @@
+"""Plans between the original single-file layout and diffusers folders, for every family in ``families``.
+
+For each part of the family, the part's tensors are found under their prefix, its name table
+turns them into ``Link``s, and each link becomes an ``OutputTensor``. Everything else in the
+input is either a known extra (scheduler buffers, EMA bookkeeping, markers), dropped with its
+reason, or left unused so that plan validation names it as unknown.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import SdportError
+from .families import FAMILIES, PIPELINES, Family, Part, clip, unet, vae
+from .families.configs import pipeline_files
+from .families.links import Links, map_names
+from .io.base import TensorSource
+from .plan import OutputFile, OutputTensor, Plan, derive
+
+SCHEDULE = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+            "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+            "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2")
+EXTRAS = {
+    **{n: "scheduler buffer: diffusers computes the noise schedule from scheduler_config.json" for n in SCHEDULE},
+    "model_ema.decay": "EMA bookkeeping, not a weight", "model_ema.num_updates": "EMA bookkeeping, not a weight",
+    "v_pred": "v-prediction marker: recorded as the scheduler's prediction_type",
+    "ztsnr": "zero-terminal-SNR marker: recorded in the scheduler config",
+}
+WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "controlnet": "diffusion_pytorch_model",
+           "text_encoder": "model", "text_encoder_2": "model"}
+PROBES = {"unet": ("input_blocks.0.0.weight", "conv_in.weight"),
+          "controlnet": ("input_hint_block.0.weight", "controlnet_cond_embedding.conv_in.weight"),
+          "vae": ("encoder.conv_in.weight", "encoder.conv_in.weight")}
+LDM_PREFIXES = {"vae": ("first_stage_model.", "vae.", ""), "controlnet": ("control_model.", "")}
+
+
+@dataclass
+class LayoutRequest:
+    """What the user asked for, beyond source and target."""
+
+    dtype: str | None = None  # safetensors code to cast floats to, or None to keep
+    ema: bool = False
+    components: tuple[str, ...] | None = None
+    prediction_type: str | None = None
+    fmt: str = "safetensors"
+
+
+def part_links(part: Part, shapes: dict[str, tuple[int, ...]], to_diffusers: bool) -> tuple[Links, object]:
+    """The links of one component (names relative to it) and the structure read off its names."""
+    names = list(shapes)
+    if part.kind in ("unet", "controlnet"):
+        layout = (unet.layout_from_ldm if to_diffusers else unet.layout_from_diffusers)(names)
+        return (map_names(unet.name_map(layout), shapes, to_diffusers) if layout else Links(unknown=names)), layout
+    if part.kind == "vae":
+        alias = {n if to_diffusers else vae.modern_name(n): n for n in names}
+        layout = (vae.layout_from_ldm if to_diffusers else vae.layout_from_diffusers)(alias)
+        if layout is None:
+            return Links(unknown=names), None
+        links = map_names(vae.name_map(layout), {a: shapes[n] for a, n in alias.items()}, to_diffusers)
+        links.links = [type(k)(k.out, tuple(alias[i] for i in k.inputs), k.op, k.args) for k in links.links]
+        links.unknown = [alias[u] for u in links.unknown]
+        return links, layout
+    if part.kind == "clip-l":
+        return (clip.clip_l_to_diffusers if to_diffusers else clip.clip_l_to_ldm)(names), None
+    if to_diffusers:
+        return clip.openclip_to_diffusers(names, layers=part.text_layers, projection=part.projection), None
+    return clip.openclip_to_ldm(names), None
+
+
+def _prefix(source: TensorSource, candidates: tuple[str, ...], probe: str | None) -> str | None:
+    for p in candidates:
+        if probe is None and any(k.startswith(p) for k in source.tensors) or probe and p + probe in source.tensors:
+            return p
+    return None
+
+
+def _parts(family: Family, request: LayoutRequest) -> list[Part]:
+    if request.components is None:
+        return list(family.parts)
+    unknown = set(request.components) - {p.component for p in family.parts}
+    if unknown:
+        raise SdportError(None, f"--components: {', '.join(sorted(unknown))} not in a {family.name} model",
+                          "choose from " + ", ".join(p.component for p in family.parts))
+    return [p for p in family.parts if p.component in request.components]
+
+
+def ema_name(ldm_unet_name: str) -> str:
+    """Where an original file keeps the EMA copy of a UNet weight: ``model_ema.`` + the name without dots."""
+    return "model_ema." + ldm_unet_name.removeprefix("model.").replace(".", "")
+
+
+def to_diffusers(source: TensorSource, family_name: str, request: LayoutRequest, *, variant: str = "") -> Plan:
+    """Plan an original single file → a diffusers folder (weights, configs, scheduler, tokenizers)."""
+    family = FAMILIES[family_name]
+    plan = Plan(files=[], dropped=dict(_extras(source)))
+    shapes_by_component, layouts = {}, {}
+    has_ema = sum(k.startswith("model_ema.") for k in source.tensors) > 100
+    for part in _parts(family, request):
+        prefix = _prefix(source, LDM_PREFIXES.get(part.kind, (part.ldm_prefix,)), PROBES.get(part.kind, (None,))[0])
+        if prefix is None:
+            raise SdportError(source.path, f"no {part.component} weights in this {family.name} file",
+                              f"pass --components without {part.component}")
+        shapes = {k[len(prefix):]: i.shape for k, i in source.tensors.items() if k.startswith(prefix)}
+        links, layout = part_links(part, shapes, True)
+        remap = {n: prefix + n for n in shapes}
+        if part.kind == "unet" and request.ema:
+            if not has_ema:
+                raise SdportError(source.path, "--ema: the file has no EMA weights", "convert without --ema")
+            remap = {n: ema_name(prefix + n) for n in shapes}
+            plan.dropped.update({prefix + n: "non-EMA UNet weight (--ema converts the EMA copy)" for n in shapes})
+        outputs = [derive(link.out, request.dtype, source, tuple(remap[i] for i in link.inputs), link.op, link.args)
+                   for link in links.links]
+        plan.files.append(OutputFile(f"{part.component}/{WEIGHTS[part.component]}.safetensors", "safetensors",
+                                     outputs, {"format": "pt"}))
+        plan.dropped.update({prefix + k: v for k, v in links.dropped.items()})
+        shapes_by_component[part.component] = {t.name: t.shape for t in outputs}
+        layouts[part.component] = layout
+    if has_ema and not request.ema:
+        plan.dropped.update({k: "EMA copy of the UNet (pass --ema to convert it instead)"
+                             for k in source.tensors if k.startswith("model_ema.") and k not in plan.dropped})
+    if family.name in PIPELINES:
+        _drop_other_parts(source, family, request, plan)
+    plan.extra = pipeline_files(family_name, shapes_by_component, layouts,
+                                prediction_type=request.prediction_type or "epsilon", variant=variant)
+    return plan
+
+
+def to_single_file(source: TensorSource, family_name: str, request: LayoutRequest) -> Plan:
+    """Plan a diffusers folder (or component folder) → one original-layout file."""
+    family = FAMILIES[family_name]
+    tensors: list[OutputTensor] = []
+    plan = Plan(files=[])
+    for part in _parts(family, request):
+        probe = PROBES.get(part.kind, (None, None))[1]
+        prefix = _prefix(source, (part.component + ".", ""), probe)
+        if prefix is None:
+            raise SdportError(source.path, f"no {part.component} weights in this folder",
+                              f"pass --components without {part.component}")
+        shapes = {k[len(prefix):]: i.shape for k, i in source.tensors.items() if k.startswith(prefix)}
+        links, _ = part_links(part, shapes, False)
+        tensors += [derive(part.ldm_prefix + link.out, request.dtype, source, tuple(prefix + i for i in link.inputs),
+                           link.op, link.args) for link in links.links]
+        plan.dropped.update({prefix + k: v for k, v in links.dropped.items()})
+    for k in source.tensors:
+        component = k.split(".", 1)[0]
+        if component in ("safety_checker", "image_encoder", "feature_extractor"):
+            plan.dropped[k] = f"{component}: not part of an original single file"
+    root = "state_dict" if request.fmt == "ckpt" and family_name in PIPELINES else ""
+    metadata = {"format": "pt"} if request.fmt == "safetensors" else {}
+    plan.files.append(OutputFile(".", request.fmt, tensors, metadata, root))
+    return plan
+
+
+def _extras(source: TensorSource) -> dict[str, str]:
+    return {k: why for k, why in EXTRAS.items() if k in source.tensors}
+
+
+def _drop_other_parts(source: TensorSource, family: Family, request: LayoutRequest, plan: Plan) -> None:
+    """With --components, the parts left out are dropped by choice, not unknown."""
+    chosen = {p.component for p in _parts(family, request)}
+    for part in family.parts:
+        if part.component not in chosen:
+            plan.dropped.update({k: f"{part.component} left out (--components)" for k in source.tensors
+                                 if k.startswith(part.ldm_prefix)})
