@@ -49,8 +49,10 @@ def unet_config(shapes: Shapes, family: Family, layout: UNetLayout, *, pooled_di
     """UNet2DConditionModel's (or ControlNetModel's) config from the diffusers-side shapes."""
     boc = [shapes[f"down_blocks.{i}.resnets.0.conv1.weight"][0] for i in range(layout.levels)]
     cross = _find(shapes, "attn2.to_k.weight")[1]
+    # transformer blocks per attention; diffusers' mid block takes the last level's value, so that one is the mid's
     depth = [max(1, _count(shapes, rf"down_blocks\.{i}\.attentions\.0\.transformer_blocks\.(\d+)\."))
              for i in range(layout.levels)]
+    depth[-1] = max(1, _count(shapes, r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\."))
     kind, n = unet_heads(family, cross)
     cfg = {
         "_diffusers_version": DIFFUSERS_VERSION, "act_fn": "silu",
