@@ -95,8 +95,15 @@ def controlnet(seed: int = 4):
 
 def save_pipeline(family: str, folder: str, *, in_channels: int = 4, prediction_type: str = "epsilon") -> str:
     """A whole tiny pipeline as a diffusers folder, with the tokenizers sdport ships (real CLIP BPE)."""
-    from diffusers import (DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionInpaintPipeline,
-                           StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline)
+    from diffusers import (
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+    )
     from transformers import CLIPTokenizer
 
     from sdport.families.configs import tokenizer_files
