@@ -6,7 +6,7 @@ import os
 from collections import Counter
 from typing import Any
 
-from .detect import detect
+from .detect import Detection, detect, prediction_type
 from .io import open_tensors
 
 
@@ -45,7 +45,16 @@ def inspect(source: str | os.PathLike) -> dict[str, Any]:
             "root": src.root,
             "metadata": dict(src.metadata),
             "non_tensors": dict(src.non_tensors),
+            **_prediction(found),
         }
+
+
+def _prediction(found: Detection) -> dict[str, str]:
+    """What a denoiser predicts and how that was decided; empty for models without a UNet."""
+    if found.family not in ("sd1", "sd2", "sdxl-base", "sdxl-refiner", "unet"):
+        return {}
+    value, reason = prediction_type(found)
+    return {"prediction_type": value, "prediction_reason": reason}
 
 
 def _prefix(name: str) -> str:
@@ -69,6 +78,8 @@ def render(report: dict[str, Any]) -> str:
         ("bytes", f"{report['tensor_bytes']:,} in tensors, {report['file_bytes']:,} on disk"),
         ("dtypes", ", ".join(f"{k} {v:,}" for k, v in report["dtypes"].items())),
     ]
+    if "prediction_type" in report:
+        rows.insert(4, ("predicts", f"{report['prediction_type']}: {report['prediction_reason']}"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     for title, items in (("prefixes", report["prefixes"]), ("metadata", report["metadata"]),

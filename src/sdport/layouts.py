@@ -110,8 +110,9 @@ def to_diffusers(source: TensorSource, family_name: str, request: LayoutRequest,
             plan.dropped.update({prefix + n: "non-EMA UNet weight (--ema converts the EMA copy)" for n in shapes})
         outputs = [derive(link.out, request.dtype, source, tuple(remap[i] for i in link.inputs), link.op, link.args)
                    for link in links.links]
-        plan.files.append(OutputFile(f"{part.component}/{WEIGHTS[part.component]}.safetensors", "safetensors",
-                                     outputs, {"format": "pt"}))
+        folder = f"{part.component}/" if family.name in PIPELINES else ""
+        plan.files.append(OutputFile(f"{folder}{WEIGHTS[part.component]}.safetensors", "safetensors", outputs,
+                                     {"format": "pt"}))
         plan.dropped.update({prefix + k: v for k, v in links.dropped.items()})
         shapes_by_component[part.component] = {t.name: t.shape for t in outputs}
         layouts[part.component] = layout

@@ -12,7 +12,7 @@ import json
 import re
 from importlib import resources
 
-from . import FAMILIES, Family
+from . import FAMILIES, PIPELINES, Family
 from .unet import UNetLayout
 from .vae import VAELayout
 
@@ -38,10 +38,10 @@ def _find(shapes: Shapes, suffix: str) -> tuple[int, ...] | None:
     return next((s for k, s in shapes.items() if k.endswith(suffix)), None)
 
 
-def unet_heads(family: Family, cross_dim: int) -> tuple[str, int]:
-    """The head layout: the family's, or for a UNet/ControlNet alone, SD1's when its context is CLIP-L's 768."""
+def unet_heads(family: Family, linear: bool) -> tuple[str, int]:
+    """The head layout: the family's, or for a UNet/ControlNet alone, SD1's (8 heads) when it projects with convs."""
     if family.name in ("unet", "controlnet"):
-        return ("count", 8) if cross_dim == 768 else ("dim", 64)
+        return ("dim", 64) if linear else FAMILIES["sd1"].unet_heads
     return family.unet_heads
 
 
@@ -53,7 +53,8 @@ def unet_config(shapes: Shapes, family: Family, layout: UNetLayout, *, pooled_di
     depth = [max(1, _count(shapes, rf"down_blocks\.{i}\.attentions\.0\.transformer_blocks\.(\d+)\."))
              for i in range(layout.levels)]
     depth[-1] = max(1, _count(shapes, r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\."))
-    kind, n = unet_heads(family, cross)
+    linear = len(_find(shapes, "proj_in.weight")) == 2
+    kind, n = unet_heads(family, linear)
     cfg = {
         "_diffusers_version": DIFFUSERS_VERSION, "act_fn": "silu",
         "attention_head_dim": n if kind == "count" else [c // n for c in boc],
@@ -61,7 +62,7 @@ def unet_config(shapes: Shapes, family: Family, layout: UNetLayout, *, pooled_di
         "freq_shift": 0, "in_channels": shapes["conv_in.weight"][1], "layers_per_block": layout.layers,
         "mid_block_scale_factor": 1, "norm_eps": 1e-5, "norm_num_groups": 32,
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in layout.down_attn],
-        "use_linear_projection": len(_find(shapes, "proj_in.weight")) == 2,
+        "use_linear_projection": linear,
         "transformer_layers_per_block": depth if len(set(depth)) > 1 else depth[0],
         "sample_size": family.sample_size // 8, "upcast_attention": False,
     }
@@ -147,8 +148,8 @@ def model_index(family: Family, components: set[str], variant: str) -> dict:
             entries[part.component.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
     index = {"_class_name": pipeline, "_diffusers_version": DIFFUSERS_VERSION}
     for name, value in entries.items():
-        index[name] = value if name in components or name == "scheduler" or name.startswith("tokenizer") else [
-            None, None]
+        needs = name.replace("tokenizer", "text_encoder")  # a tokenizer is written with its text encoder
+        index[name] = value if needs in components or name == "scheduler" else [None, None]
     if family.name == "sdxl-refiner":
         index.update(text_encoder=[None, None], tokenizer=[None, None], requires_aesthetics_score=True,
                      force_zeros_for_empty_prompt=False)
@@ -168,6 +169,7 @@ def pipeline_files(family_name: str, shapes: dict[str, Shapes], layouts: dict, *
     """Every non-weight file of a diffusers folder for the components in ``shapes`` (component → shapes)."""
     family = FAMILIES[family_name]
     files: dict[str, bytes] = {}
+    folder = "{}/" if family_name in PIPELINES else ""  # a component alone is its own folder
     pooled = shapes.get("text_encoder_2", {}).get("text_projection.weight", (None,))[0]
     for component, comp_shapes in shapes.items():
         part = family.part(component)
@@ -180,8 +182,8 @@ def pipeline_files(family_name: str, shapes: dict[str, Shapes], layouts: dict, *
             tokenizer = component.replace("text_encoder", "tokenizer")
             pad = "<|endoftext|>" if part.kind == "clip-l" else "!"
             files.update({f"{tokenizer}/{k}": v for k, v in tokenizer_files(pad).items()})
-        files[f"{component}/config.json"] = _json(cfg)
-    if family_name in ("sd1", "sd2", "sdxl-base", "sdxl-refiner"):
+        files[folder.format(component) + "config.json"] = _json(cfg)
+    if family_name in PIPELINES:
         files["scheduler/scheduler_config.json"] = _json(scheduler_config(family, prediction_type))
         files["model_index.json"] = _json(model_index(family, set(shapes), variant))
     return files

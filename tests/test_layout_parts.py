@@ -1,0 +1,195 @@
+"""Single components (VAE, UNet, ControlNet), variants (inpainting, EMA, SD2's extra layer, v-prediction) and refusals.
+
+Oracles: diffusers' ``from_single_file(config=…)`` for each component class, and the tiny models
+diffusers itself built (tests/models.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from conftest import leftovers, run_cli, sha256
+
+import sdport
+
+diffusers = pytest.importorskip("diffusers")
+import models  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+
+def _equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+@pytest.mark.parametrize("name", ["vae", "unet", "controlnet"])
+def test_a_component_alone_converts_both_ways_against_from_single_file(name, tmp_path) -> None:
+    model = {"vae": models.vae, "unet": lambda: models.unet("sd1"), "controlnet": models.controlnet}[name]()
+    cls = type(model)
+    model.save_pretrained(tmp_path / "ref")
+    single, back = tmp_path / "single.safetensors", tmp_path / "back"
+    assert run_cli("convert", tmp_path / "ref", single).code == 0
+    with safetensors.safe_open(str(single), "np") as f:
+        keys = set(f.keys())
+    probe = {"vae": "encoder.down.0.block.0.conv1.weight", "unet": "model.diffusion_model.input_blocks.0.0.weight",
+             "controlnet": "control_model.input_hint_block.0.weight"}[name]
+    assert probe in keys and all(k.startswith(probe.split(".")[0] + ".") or name == "vae" for k in keys)
+    _equal(cls.from_single_file(str(single), config=str(tmp_path / "ref"), local_files_only=True).state_dict(),
+           model.state_dict())
+    assert run_cli("convert", single, back).code == 0
+    assert sorted(os.listdir(back)) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    ours, info = cls.from_pretrained(str(back), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    _equal(ours.state_dict(), model.state_dict())
+    assert sdport.inspect(str(single))["family"] == sdport.inspect(str(back))["family"] == name
+
+
+def test_vae_with_pre_0_14_attention_names_and_a_first_stage_prefix(tmp_path) -> None:
+    model = models.vae()
+    model.save_pretrained(tmp_path / "new")
+    old = {}
+    for k, v in model.state_dict().items():
+        for new, legacy in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")):
+            k = k.replace(f"attentions.0.{new}.", f"attentions.0.{legacy}.")
+        old[k] = v.contiguous()
+    os.makedirs(tmp_path / "old")
+    safetensors.torch.save_file(old, str(tmp_path / "old" / "diffusion_pytorch_model.safetensors"))
+    (tmp_path / "old" / "config.json").write_text((tmp_path / "new" / "config.json").read_text())
+    assert run_cli("convert", tmp_path / "old", tmp_path / "a.safetensors").code == 0
+    assert run_cli("convert", tmp_path / "new", tmp_path / "b.safetensors").code == 0
+    a, b = (safetensors.torch.load_file(str(tmp_path / n)) for n in ("a.safetensors", "b.safetensors"))
+    _equal(a, b)
+    assert a["decoder.mid.attn_1.q.weight"].shape[2:] == (1, 1)  # linear → 1×1 conv
+    prefixed = {"first_stage_model." + k: v for k, v in a.items()}
+    safetensors.torch.save_file(prefixed, str(tmp_path / "p.safetensors"))
+    assert run_cli("convert", tmp_path / "p.safetensors", tmp_path / "p").code == 0
+    _equal(diffusers.AutoencoderKL.from_pretrained(str(tmp_path / "p")).state_dict(), model.state_dict())
+
+
+def test_inpainting_model_gets_the_inpainting_pipeline(tmp_path) -> None:
+    ref = models.save_pipeline("sd1", str(tmp_path / "ref"), in_channels=9)
+    single, back = tmp_path / "inpaint.safetensors", tmp_path / "back"
+    assert run_cli("convert", ref, single).code == 0
+    assert sdport.inspect(str(single))["variant"] == "inpaint"
+    assert run_cli("convert", single, back).code == 0
+    assert json.loads((back / "model_index.json").read_text())["_class_name"] == "StableDiffusionInpaintPipeline"
+    pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(str(back), local_files_only=True)
+    assert pipe.unet.config.in_channels == 9
+    _equal(pipe.unet.state_dict(), diffusers.UNet2DConditionModel.from_pretrained(ref, subfolder="unet").state_dict())
+
+
+@pytest.fixture(scope="module")
+def sd1_single(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("sd1")
+    models.save_pipeline("sd1", str(root / "ref"))
+    assert run_cli("convert", root / "ref", root / "sd1.safetensors").code == 0
+    return str(root / "sd1.safetensors")
+
+
+def test_ema_weights_are_taken_only_with_ema(sd1_single, tmp_path) -> None:
+    sd = safetensors.torch.load_file(sd1_single)
+    unet = {k: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}
+    sd.update({"model_ema." + k[len("model."):].replace(".", ""): v + 1 for k, v in unet.items()})
+    sd["model_ema.decay"], sd["model_ema.num_updates"] = torch.tensor(0.9999), torch.tensor(1000, dtype=torch.int32)
+    src = str(tmp_path / "ema.safetensors")
+    safetensors.torch.save_file(sd, src)
+    plain, ema = tmp_path / "plain", tmp_path / "ema"
+    r = run_cli("convert", src, plain, "--report")
+    assert r.code == 0 and "EMA copy of the UNet (pass --ema" in r.out
+    assert run_cli("convert", src, ema, "--ema").code == 0
+    a = safetensors.torch.load_file(str(plain / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = safetensors.torch.load_file(str(ema / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k] + 1, b[k]) for k in a)
+    r = run_cli("convert", sd1_single, tmp_path / "none", "--ema")
+    assert r.code == 2 and "no EMA weights" in r.err
+
+
+def test_unknown_tensor_is_refused_by_name_unless_allowed(sd1_single, tmp_path) -> None:
+    sd = safetensors.torch.load_file(sd1_single)
+    sd["model.diffusion_model.mystery.weight"] = torch.zeros(3)
+    src = str(tmp_path / "odd.safetensors")
+    safetensors.torch.save_file(sd, src)
+    before = sha256(src)
+    r = run_cli("convert", src, tmp_path / "out")
+    assert r.code == 2 and "model.diffusion_model.mystery.weight" in r.err and "--allow-unknown" in r.err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == [] and sha256(src) == before
+    r = run_cli("convert", src, tmp_path / "out", "--allow-unknown", "--report")
+    assert r.code == 0 and "model.diffusion_model.mystery.weight" in r.out
+    r = run_cli("convert", tmp_path / "out", tmp_path / "single.safetensors")
+    assert r.code == 0
+
+
+def test_components_limits_the_output_and_says_what_was_left_out(sd1_single, tmp_path) -> None:
+    r = run_cli("convert", sd1_single, tmp_path / "out", "--components", "unet,vae", "--report")
+    assert r.code == 0, r.err
+    assert sorted(os.listdir(tmp_path / "out")) == ["model_index.json", "scheduler", "unet", "vae"]
+    index = json.loads((tmp_path / "out" / "model_index.json").read_text())
+    assert index["text_encoder"] == index["tokenizer"] == [None, None]
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "out"), local_files_only=True,
+                                                             text_encoder=None, tokenizer=None)
+    assert pipe.text_encoder is None and pipe.unet is not None
+    assert "text_encoder left out (--components)" in r.out
+    r = run_cli("convert", sd1_single, tmp_path / "bad", "--components", "text_encoder_2")
+    assert r.code == 2 and "text_encoder_2" in r.err
+
+
+def test_sd2_extra_text_layer_is_dropped_with_its_reason_and_prediction_type_is_stated(tmp_path) -> None:
+    root = tmp_path
+    models.save_pipeline("sd2", str(root / "ref"), prediction_type="v_prediction")
+    assert run_cli("convert", root / "ref", root / "sd2.safetensors").code == 0
+    sd = safetensors.torch.load_file(str(root / "sd2.safetensors"))
+    layer = "cond_stage_model.model.transformer.resblocks."
+    last = {k: v for k, v in sd.items() if k.startswith(f"{layer}22.")}
+    sd.update({k.replace(f"{layer}22.", f"{layer}23."): v.clone() for k, v in last.items()})
+    sd["cond_stage_model.model.logit_scale"] = torch.tensor(4.6)
+    src = str(root / "sd2-24.safetensors")
+    safetensors.torch.save_file(sd, src)
+    r = run_cli("convert", src, root / "v", "--report")
+    assert r.code == 0 and "layer 23: this text encoder uses only its first 23 layers" in r.out
+    assert json.loads((root / "v" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == \
+        "v_prediction"
+    assert run_cli("convert", src, root / "eps", "--prediction-type", "epsilon").code == 0
+    assert json.loads((root / "eps" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == \
+        "epsilon"
+    report = sdport.inspect(src)
+    assert report["prediction_type"] == "v_prediction" and "--prediction-type epsilon" in report["prediction_reason"]
+    a = safetensors.torch.load_file(str(root / "v" / "text_encoder" / "model.safetensors"))
+    b = diffusers.StableDiffusionPipeline.from_pretrained(str(root / "ref")).text_encoder.state_dict()
+    assert all(torch.equal(a["text_model." + k.removeprefix("text_model.")], v) for k, v in b.items())
+
+
+def test_v_pred_marker_sets_v_prediction(sd1_single, tmp_path) -> None:
+    sd = safetensors.torch.load_file(sd1_single)
+    sd["v_pred"] = torch.tensor([])
+    src = str(tmp_path / "v.safetensors")
+    safetensors.torch.save_file(sd, src)
+    assert sdport.inspect(src)["prediction_type"] == "v_prediction"
+    r = run_cli("convert", src, tmp_path / "out", "--report")
+    assert r.code == 0 and "v-prediction marker" in r.out
+    assert json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == \
+        "v_prediction"
+
+
+def test_ckpt_output_of_a_pipeline_loads_in_torch_and_diffusers(sd1_single, tmp_path) -> None:
+    out = tmp_path / "model.ckpt"
+    assert run_cli("convert", sd1_single, tmp_path / "d").code == 0
+    assert run_cli("convert", tmp_path / "d", out).code == 0
+    sd = torch.load(out, weights_only=True)
+    assert list(sd) == ["state_dict"]
+    ref = safetensors.torch.load_file(sd1_single)
+    assert sd["state_dict"].keys() == ref.keys() and all(torch.equal(sd["state_dict"][k], ref[k]) for k in ref)
+
+
+def test_half_precision_folder_equals_torch_half(sd1_single, tmp_path) -> None:
+    assert run_cli("convert", sd1_single, tmp_path / "h", "--dtype", "fp16").code == 0
+    ref = safetensors.torch.load_file(sd1_single)
+    unet = safetensors.torch.load_file(str(tmp_path / "h" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert torch.equal(unet["conv_in.weight"], ref["model.diffusion_model.input_blocks.0.0.weight"].half())
+    assert np.all([v.dtype == torch.float16 for v in unet.values()])
