@@ -49,10 +49,14 @@ def unet_config(shapes: Shapes, family: Family, layout: UNetLayout, *, pooled_di
     """UNet2DConditionModel's (or ControlNetModel's) config from the diffusers-side shapes."""
     boc = [shapes[f"down_blocks.{i}.resnets.0.conv1.weight"][0] for i in range(layout.levels)]
     cross = _find(shapes, "attn2.to_k.weight")[1]
-    # transformer blocks per attention; diffusers' mid block takes the last level's value, so that one is the mid's
-    depth = [max(1, _count(shapes, rf"down_blocks\.{i}\.attentions\.0\.transformer_blocks\.(\d+)\."))
+    # transformer blocks per attention level; levels without attention take the common depth if there is one
+    # (else 1), except the last, whose value diffusers gives the mid block
+    depth = [_count(shapes, rf"down_blocks\.{i}\.attentions\.0\.transformer_blocks\.(\d+)\.")
              for i in range(layout.levels)]
-    depth[-1] = max(1, _count(shapes, r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\."))
+    mid = max(1, _count(shapes, r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\."))
+    common = {d for d in depth if d} | {mid}
+    fill = common.pop() if len(common) == 1 else 1
+    depth = [d or fill for d in depth[:-1]] + [depth[-1] or mid]
     linear = len(_find(shapes, "proj_in.weight")) == 2
     kind, n = unet_heads(family, linear)
     cfg = {

@@ -1,0 +1,115 @@
+"""Full-size key sets without memory: the released models' configs instantiated on torch's meta device.
+
+For SD1.5, SD2.1, SDXL base and refiner (and the VAE, CLIP-L, OpenCLIP-H and bigG text encoders
+they carry), diffusers → original → diffusers plans validate with no unknown and no missing key,
+give back exactly the names and shapes they started from, and the configs sdport derives from the
+shapes alone equal the released ones.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sdport.detect import detect
+from sdport.io.base import TensorInfo, TensorSource
+from sdport.layouts import LayoutRequest, to_diffusers, to_single_file
+from sdport.plan import validate
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+SD_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+SD_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+#: the released UNet configs (the values that differ between families)
+UNETS = {
+    "sd1": dict(block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768, attention_head_dim=8,
+                down_block_types=list(SD_DOWN), up_block_types=list(SD_UP), use_linear_projection=False,
+                transformer_layers_per_block=1, sample_size=64),
+    "sd2": dict(block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
+                down_block_types=list(SD_DOWN), up_block_types=list(SD_UP), use_linear_projection=True,
+                transformer_layers_per_block=1, sample_size=96),
+    "sdxl-base": dict(block_out_channels=[320, 640, 1280], cross_attention_dim=2048, attention_head_dim=[5, 10, 20],
+                      down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                      up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                      use_linear_projection=True, transformer_layers_per_block=[1, 2, 10], sample_size=128,
+                      addition_embed_type="text_time", addition_time_embed_dim=256,
+                      projection_class_embeddings_input_dim=2816),
+    "sdxl-refiner": dict(block_out_channels=[384, 768, 1536, 1536], cross_attention_dim=1280,
+                         attention_head_dim=[6, 12, 24, 24],
+                         down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                           "DownBlock2D"],
+                         up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                         use_linear_projection=True, transformer_layers_per_block=4, sample_size=128,
+                         addition_embed_type="text_time", addition_time_embed_dim=256,
+                         projection_class_embeddings_input_dim=2560),
+}
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              hidden_act="quick_gelu", projection_dim=768)
+# (SD2's released text_encoder config also says projection_dim 512, which CLIPTextModel never uses)
+OPENCLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                  hidden_act="gelu")
+BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu",
+            projection_dim=1280)
+TEXT = {"sd1": {"text_encoder": CLIP_L}, "sd2": {"text_encoder": OPENCLIP_H},
+        "sdxl-base": {"text_encoder": CLIP_L, "text_encoder_2": BIGG}, "sdxl-refiner": {"text_encoder_2": BIGG}}
+VAE = dict(block_out_channels=[128, 256, 512, 512], latent_channels=4, layers_per_block=2)
+
+
+def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+
+
+def _source(shapes: dict[str, tuple[int, ...]], fmt: str) -> TensorSource:
+    return TensorSource("full-size", fmt, {k: TensorInfo(k, "F16", s, "none", 0, 0) for k, s in shapes.items()})
+
+
+@pytest.fixture(scope="module", params=list(UNETS))
+def released(request) -> tuple[str, dict[str, dict[str, tuple[int, ...]]]]:
+    """Names and shapes of each component of a released pipeline, from meta-device models."""
+    name = request.param
+    with torch.device("meta"):
+        parts = {"unet": diffusers.UNet2DConditionModel(**UNETS[name]),
+                 "vae": diffusers.AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4,
+                                                up_block_types=["UpDecoderBlock2D"] * 4, **VAE)}
+        for comp, cfg in TEXT[name].items():
+            cls = transformers.CLIPTextModelWithProjection if comp == "text_encoder_2" else transformers.CLIPTextModel
+            config = transformers.CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **cfg)
+            parts[comp] = cls(config)
+    return name, {comp: _shapes(m) for comp, m in parts.items()}
+
+
+def test_full_size_plans_validate_and_give_back_every_name_and_shape(released) -> None:
+    name, comps = released
+    folder = _source({f"{c}.{k}": s for c, shapes in comps.items() for k, s in shapes.items()}, "diffusers")
+    found = detect(folder.tensors)
+    assert (found.family, found.layout) == (name, "diffusers")
+    single = to_single_file(folder, name, LayoutRequest())
+    validate(single, folder)
+    assert sum(len(f.tensors) for f in single.files) > 1000
+    original = _source({t.name: t.shape for t in single.files[0].tensors}, "safetensors")
+    assert detect(original.tensors).family == name
+    back = to_diffusers(original, name, LayoutRequest(prediction_type="epsilon"))
+    validate(back, original)
+    got = {f.path.split("/")[0]: {t.name: t.shape for t in f.tensors} for f in back.files}
+    flat = {c: {k if k.startswith(("text_model.", "text_projection")) or not c.startswith("text")
+                else "text_model." + k: s for k, s in shapes.items()} for c, shapes in comps.items()}
+    assert got == flat
+
+
+def test_configs_derived_from_full_size_shapes_equal_the_released_ones(released) -> None:
+    name, comps = released
+    original = to_single_file(_source({f"{c}.{k}": s for c, shp in comps.items() for k, s in shp.items()},
+                                      "diffusers"), name, LayoutRequest())
+    plan = to_diffusers(_source({t.name: t.shape for t in original.files[0].tensors}, "safetensors"), name,
+                        LayoutRequest(prediction_type="epsilon"))
+    unet = json.loads(plan.extra["unet/config.json"])
+    for key, value in UNETS[name].items():
+        assert unet[key] == value, key
+    vae = json.loads(plan.extra["vae/config.json"])
+    assert {k: vae[k] for k in VAE} == VAE
+    for comp, cfg in TEXT[name].items():
+        text = json.loads(plan.extra[f"{comp}/config.json"])
+        assert {k: text[k] for k in cfg} == cfg, comp
