@@ -1,7 +1,13 @@
 #!/usr/bin/env python3
 """Time sdport against cp+sync (and the torch/safetensors route users would otherwise take), interleaved.
 
-    python bench/run.py DATA_DIR [--reps 3] [--only NAME]
+    python bench/run.py DATA_DIR [--suite repackage|layouts] [--reps 3] [--only NAME] [--tools DIR]
+
+Suites: ``repackage`` (issue 3: .ckpt ⇄ safetensors, fp32 → fp16 on a full-size SD1.5 file, built by
+make_fixtures.py) and ``layouts`` (issue 4: single file ⇄ diffusers for full-size SD1.5 with EMA and
+SDXL, built by make_layout_fixtures.py, against diffusers' ``from_single_file`` + ``save_pretrained``
+and, with ``--tools``, the diffusers repository's diffusers → original scripts, run by hand from a
+checkout outside this repository).
 
 Every operation is its own process under GNU time (wall, peak RSS). Repetition i runs every
 operation once, in order, so that cp+sync of the same bytes is measured beside each of them on a
@@ -24,7 +30,45 @@ SDPORT = [PY, "-m", "sdport"]
 REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_ops.py")
 
 
-def operations(data: str, out: str) -> list[tuple[str, str, list[str], str]]:
+def _size(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+    return os.path.getsize(path) if path and os.path.exists(path) else 0
+
+
+def _cp(src: str, dst: str) -> list[str]:
+    return ["sh", "-c", f"cp -r {src} {dst} && sync {dst}"]
+
+
+def layouts(data: str, out: str, tools: str) -> list[tuple[str, str, list[str], str]]:
+    """Single file ⇄ diffusers, SD1.5 (fp16, EMA) and SDXL (fp16), with the tools users have today beside."""
+    fsf = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "anchor-bench", "ops.py")
+    o = lambda name: os.path.join(out, name)  # noqa: E731
+    ops = []
+    for model, single, folder, script in (("sd15", "sd15-ema.safetensors", "sd15-diffusers",
+                                           "convert_diffusers_to_original_stable_diffusion.py"),
+                                          ("sdxl", "sdxl.safetensors", "sdxl-diffusers",
+                                           "convert_diffusers_to_original_sdxl.py")):
+        st, d = os.path.join(data, single), os.path.join(data, folder)
+        xl = ["--sdxl"] if model == "sdxl" else []
+        ops += [
+            (f"{model} cp+sync file", "", _cp(st, o("cp.st")), o("cp.st")),
+            (f"{model} sdport file->diffusers", f"{model} cp+sync file", SDPORT + ["convert", st, o("d"), "-q"],
+             o("d")),
+            (f"{model} diffusers from_single_file+save_pretrained", f"{model} cp+sync file",
+             [PY, fsf, "fsf", st, d, o("f")] + xl, o("f")),
+            (f"{model} cp+sync folder", "", _cp(d, o("cp.d")), o("cp.d")),
+            (f"{model} sdport diffusers->file", f"{model} cp+sync folder",
+             SDPORT + ["convert", d, o("s.safetensors"), "-q"], o("s.safetensors")),
+        ]
+        if tools:
+            ops.append((f"{model} diffusers script diffusers->original --half", f"{model} cp+sync folder",
+                        [PY, os.path.join(tools, script), "--model_path", d, "--checkpoint_path",
+                         o("t.safetensors"), "--half", "--use_safetensors"], o("t.safetensors")))
+    return ops
+
+
+def repackage(data: str, out: str, tools: str) -> list[tuple[str, str, list[str], str]]:
     """(name, floor name, command, output path): each op is compared with the cp of its input."""
     st, ck = os.path.join(data, "sd15-fp32.safetensors"), os.path.join(data, "sd15-fp32.ckpt")
     o = lambda name: os.path.join(out, name)  # noqa: E731
@@ -47,6 +91,10 @@ def operations(data: str, out: str) -> list[tuple[str, str, list[str], str]]:
     ]
 
 
+SUITES = {"repackage": (repackage, ("sd15-fp32.safetensors", "sd15-fp32.ckpt")),
+          "layouts": (layouts, ("sd15-ema.safetensors", "sdxl.safetensors", "sd15-diffusers", "sdxl-diffusers"))}
+
+
 def timed(cmd: list[str]) -> tuple[float, float, int]:
     """Wall seconds, peak RSS in MB, exit status — from GNU time."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as t:
@@ -58,7 +106,7 @@ def timed(cmd: list[str]) -> tuple[float, float, int]:
     return float(wall), int(rss_kb) / 1024, p.returncode
 
 
-def settle(data: str) -> None:
+def settle(data: str, inputs: tuple[str, ...]) -> None:
     """Start each repetition alike: dirty pages written, page cache dropped (when root), inputs read back in.
 
     On this machine the kernel's reclaim makes cp's own time swing 2-3x once the cache is full of
@@ -71,9 +119,10 @@ def settle(data: str) -> None:
             f.write("1\n")
     except OSError:
         print("  (cannot drop the page cache: not root)", file=sys.stderr)
-    for name in sorted(os.listdir(data)):
-        if name.startswith("sd15-"):
-            subprocess.run(["cat", os.path.join(data, name)], stdout=subprocess.DEVNULL, check=True)
+    for name in inputs:
+        path = os.path.join(data, name)
+        files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs] if os.path.isdir(path) else [path]
+        subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
 
 
 def main() -> None:
@@ -81,19 +130,22 @@ def main() -> None:
     ap.add_argument("data")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", default="")
+    ap.add_argument("--suite", default="repackage", choices=sorted(SUITES))
+    ap.add_argument("--tools", default="", help="folder holding the diffusers repository's conversion scripts")
     args = ap.parse_args()
     out = os.path.join(args.data, "out")
-    ops = [op for op in operations(args.data, out) if args.only in op[0] or op[0].startswith("cp+sync")]
+    build, inputs = SUITES[args.suite]
+    ops = [op for op in build(args.data, out, args.tools) if args.only in op[0] or "cp+sync" in op[0]]
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name, *_ in ops}
     ratios: dict[str, list[float]] = {name: [] for name, *_ in ops}
     for rep in range(args.reps):
-        settle(args.data)
+        settle(args.data, inputs)
         last: dict[str, float] = {}
         for name, floor, cmd, target in ops:
             shutil.rmtree(out, ignore_errors=True)
             os.makedirs(out)
             wall, rss, code = timed(cmd)
-            size = os.path.getsize(target) if target and os.path.exists(target) else 0
+            size = _size(target)
             print(f"rep {rep} {name:32s} {wall:7.2f} s {rss:8.0f} MB  out {size:,} B rc={code}", flush=True)
             runs[name].append((wall, rss))
             last[name] = wall
@@ -107,7 +159,7 @@ def main() -> None:
         ratio = f"{statistics.median(ratios[name]):.2f}" if ratios[name] else "—"
         table.append(f"| {name} | {statistics.median(walls):.2f} | {ratio} | {statistics.median(rss):.0f} |")
     print("\n".join(table))
-    with open(os.path.join(args.data, "results.json"), "w") as f:
+    with open(os.path.join(args.data, f"results-{args.suite}.json"), "w") as f:
         json.dump({"runs": runs, "ratios": ratios}, f, indent=1)
 
 

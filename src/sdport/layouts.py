@@ -52,14 +52,10 @@ def part_links(part: Part, shapes: dict[str, tuple[int, ...]], to_diffusers: boo
         layout = (unet.layout_from_ldm if to_diffusers else unet.layout_from_diffusers)(names)
         return (map_names(unet.name_map(layout), shapes, to_diffusers) if layout else Links(unknown=names)), layout
     if part.kind == "vae":
-        alias = {n if to_diffusers else vae.modern_name(n): n for n in names}
-        layout = (vae.layout_from_ldm if to_diffusers else vae.layout_from_diffusers)(alias)
-        if layout is None:
-            return Links(unknown=names), None
-        links = map_names(vae.name_map(layout), {a: shapes[n] for a, n in alias.items()}, to_diffusers)
-        links.links = [type(k)(k.out, tuple(alias[i] for i in k.inputs), k.op, k.args) for k in links.links]
-        links.unknown = [alias[u] for u in links.unknown]
-        return links, layout
+        layout = (vae.layout_from_ldm if to_diffusers else vae.layout_from_diffusers)(names)
+        normalize = str if to_diffusers else vae.modern_name
+        return (map_names(vae.name_map(layout), shapes, to_diffusers, normalize) if layout else
+                Links(unknown=names)), layout
     if part.kind == "clip-l":
         return (clip.clip_l_to_diffusers if to_diffusers else clip.clip_l_to_ldm)(names), None
     if to_diffusers:

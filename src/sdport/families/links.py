@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .names import NameMap
@@ -29,11 +30,16 @@ class Links:
         self.links.append(link)
 
 
-def map_names(table: NameMap, shapes: dict[str, tuple[int, ...]], to_diffusers: bool) -> Links:
-    """Apply a two-way prefix table to every name, reshaping 1×1 conv weights ⇄ linear ones."""
+def map_names(table: NameMap, shapes: dict[str, tuple[int, ...]], to_diffusers: bool,
+              normalize: Callable[[str], str] = str) -> Links:
+    """Apply a two-way prefix table to every name, reshaping 1×1 conv weights ⇄ linear ones.
+
+    ``normalize`` turns a legacy input name into the one the table knows; the link still reads the input's own name.
+    """
     out = Links()
     for name, shape in shapes.items():
-        hit = table.to_diffusers(name) if to_diffusers else table.to_ldm(name)
+        key = normalize(name)
+        hit = table.to_diffusers(key) if to_diffusers else table.to_ldm(key)
         if hit is None:
             out.unknown.append(name)
             continue

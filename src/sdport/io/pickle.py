@@ -202,6 +202,9 @@ def _stack_global(ops: list[tuple[bytes, object]], where: str) -> Global:
     if len(strings) < 2:
         raise UnsafeFileError(where, "unsupported opcode STACK_GLOBAL with computed operands in pickle",
                               "not a plain weights file")
+    for text in strings:  # held to GLOBAL's rule, so no name can carry a newline into a message
+        if not _IDENT.fullmatch(text):
+            raise FormatError(where, f"malformed global name {text!r} in pickle", None)
     return _check_global(where, strings[1], strings[0])
 
 

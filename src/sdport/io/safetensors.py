@@ -27,7 +27,7 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
     out: dict = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"duplicate key '{key}' in header")
+            raise ValueError(f"duplicate key {key!r} in header")
         out[key] = value
     return out
 
@@ -69,17 +69,17 @@ def _is_int(v: object) -> bool:
 
 def _entry(path: str, name: str, spec: object) -> tuple[str, tuple[int, ...], int, int]:
     if not isinstance(spec, dict) or set(spec) != _FIELDS:
-        raise FormatError(path, f"tensor '{name}': missing field or unexpected field in header entry",
+        raise FormatError(path, f"tensor {name!r}: missing field or unexpected field in header entry",
                           "expected exactly dtype, shape, data_offsets")
     dt, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
     if not isinstance(dt, str) or dt not in BY_CODE:
-        raise FormatError(path, f"unsupported dtype {dt!r} for tensor '{name}'",
+        raise FormatError(path, f"unsupported dtype {dt!r} for tensor {name!r}",
                           f"sdport reads {', '.join(BY_CODE)}")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise FormatError(path, f"invalid tensor shape {shape!r} for tensor '{name}'", None)
+        raise FormatError(path, f"invalid tensor shape {shape!r} for tensor {name!r}", None)
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
             or offsets[0] < 0 or offsets[1] < offsets[0]):
-        raise FormatError(path, f"invalid data_offsets {offsets!r} for tensor '{name}'", None)
+        raise FormatError(path, f"invalid data_offsets {offsets!r} for tensor {name!r}", None)
     return dt, tuple(shape), offsets[0], offsets[1]
 
 
@@ -88,13 +88,13 @@ def _check_layout(path: str, ordered: dict[str, tuple[str, tuple[int, ...], int,
     for name, (dt, shape, begin, end) in ordered.items():
         nbytes = math.prod(shape) * BY_CODE[dt].itemsize
         if nbytes > data_size:
-            raise FormatError(path, f"tensor size overflow for '{name}' (shape {list(shape)})",
+            raise FormatError(path, f"tensor size overflow for {name!r} (shape {list(shape)})",
                               "the header claims more bytes than the file has")
         if begin != expect:
-            raise FormatError(path, f"overlapping or non-contiguous offsets at tensor '{name}'",
+            raise FormatError(path, f"overlapping or non-contiguous offsets at tensor {name!r}",
                               "the file is damaged or crafted")
         if end - begin != nbytes:
-            raise FormatError(path, f"byte length does not match shape and dtype for tensor '{name}' "
+            raise FormatError(path, f"byte length does not match shape and dtype for tensor {name!r} "
                               f"({end - begin} bytes for {dt} {list(shape)})", None)
         expect = end
     if expect < data_size:
@@ -134,7 +134,7 @@ def header_bytes(slots: Iterable[Slot], metadata: dict[str, str]) -> bytes:
         if s.name == "__metadata__":
             raise FormatError(None, "a tensor cannot be named __metadata__", None)
         if s.name in doc:
-            raise FormatError(None, f"tensor '{s.name}' written twice", None)
+            raise FormatError(None, f"tensor {s.name!r} written twice", None)
         doc[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
         offset += s.nbytes
     head = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

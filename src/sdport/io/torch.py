@@ -46,32 +46,36 @@ def sniff(path: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------ zip format
+def _refuse_torchscript(path: str, names: list[str]) -> None:
+    """Run on the central directory's names before any entry check: TorchScript zips store code compressed."""
+    if any(n.split("/", 1)[-1] == "constants.pkl" or "/code/" in n for n in names):
+        raise FormatError(path, "TorchScript archive not supported", "save the state_dict with torch.save instead")
+
+
 def _zip_layout(path: str, entries: dict) -> tuple[str, dict[str, object]]:
     roots = {name.split("/", 1)[0] for name in entries}
     for name in entries:
         parts = name.split("/")
         if "\\" in name or name.startswith("/") or "\0" in name or ".." in parts or ":" in parts[0]:
-            raise UnsafeFileError(path, f"unexpected archive entry '{name}'", "the archive is crafted")
+            raise UnsafeFileError(path, f"unexpected archive entry {name!r}", "the archive is crafted")
     pickles = [n for n in entries if n.endswith("/data.pkl")]
     if len(pickles) > 1:
         raise FormatError(path, "multiple data.pkl in archive", "the archive is crafted")
-    if any(n.split("/", 1)[-1] in ("constants.pkl",) or "/code/" in n for n in entries):
-        raise FormatError(path, "TorchScript archive not supported", "save the state_dict with torch.save instead")
     if len(roots) != 1 or not pickles:
         raise FormatError(path, "not a PyTorch checkpoint (no single archive folder with data.pkl)", None)
     root = roots.pop()
     inner = {}
     for name, entry in entries.items():
         rest = name[len(root) + 1:] if name.startswith(root + "/") else ""
-        if not _ENTRY.match(rest):
-            raise UnsafeFileError(path, f"unexpected archive entry '{name}'", "the archive is crafted")
+        if not _ENTRY.fullmatch(rest):
+            raise UnsafeFileError(path, f"unexpected archive entry {name!r}", "the archive is crafted")
         inner[rest] = entry
     return root, inner
 
 
 def _read_entry(f, entry, path: str, limit: int) -> bytes:
     if entry.size > limit:
-        raise FormatError(path, f"{entry.name} too large ({entry.size} bytes)", "the archive is crafted")
+        raise FormatError(path, f"{entry.name!r} too large ({entry.size} bytes)", "the archive is crafted")
     f.seek(entry.offset)
     data = f.read(entry.size)
     if zlib.crc32(data) != entry.crc:
@@ -80,7 +84,7 @@ def _read_entry(f, entry, path: str, limit: int) -> bytes:
 
 
 def open_torch_zip(path: str) -> TensorSource:
-    _, inner = _zip_layout(path, read_entries(path))
+    _, inner = _zip_layout(path, read_entries(path, lambda names: _refuse_torchscript(path, names)))
     with open(path, "rb") as f:
         if "byteorder" in inner and _read_entry(f, inner["byteorder"], path, 64) != b"little":
             raise FormatError(path, "big-endian checkpoint not supported", None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import FormatError
@@ -33,8 +34,12 @@ def _u(fmt: str, buf: bytes, at: int) -> tuple:
     return struct.unpack_from("<" + fmt, buf, at)
 
 
-def read_entries(path: str) -> dict[str, Entry]:
-    """All entries of the zip at ``path``, by name, after the container checks."""
+def read_entries(path: str, check_names: Callable[[list[str]], None] | None = None) -> dict[str, Entry]:
+    """All entries of the zip at ``path``, by name, after the container checks.
+
+    ``check_names`` sees every name of the central directory before any entry is checked, so that a
+    caller can refuse what the archive is (a TorchScript program, say) before a detail of one entry.
+    """
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         if f.read(4) != b"PK\x03\x04":
@@ -47,8 +52,10 @@ def read_entries(path: str) -> dict[str, Entry]:
             raise FormatError(path, "inconsistent zip headers (central directory)", None)
         f.seek(cd_offset)
         cd = f.read(cd_size)
-        entries = _parse_central(path, cd, count)
-        return _check_locals(path, f, entries, cd_offset)
+        records = _split_central(path, cd, count)
+        if check_names is not None:
+            check_names([name for name, *_ in records])
+        return _check_locals(path, f, _check_central(path, records), cd_offset)
 
 
 def _find_end(path: str, tail: bytes, size: int) -> tuple[int, int, int, int]:
@@ -74,31 +81,39 @@ def _find_end(path: str, tail: bytes, size: int) -> tuple[int, int, int, int]:
     return eocd_at, count, cd_size, cd_offset
 
 
-def _parse_central(path: str, cd: bytes, count: int) -> list[tuple[str, int, int, int, int, int]]:
-    out, at, seen = [], 0, set()
+def _split_central(path: str, cd: bytes, count: int) -> list[tuple[str, bytes, bytes, tuple]]:
+    """The central directory's records as (name, raw name, extra field, fixed fields); nothing checked yet."""
+    out, at = [], 0
     for _ in range(count):
         if at + 46 > len(cd) or _u("I", cd, at)[0] != _CENTRAL:
             raise FormatError(path, "inconsistent zip headers (central directory)", None)
-        (made, _, flags, method, _, _, crc, csize, usize, nlen, xlen, clen, _, _, attr, local) = \
-            _u("HHHHHHIIIHHHHHII", cd, at + 4)
+        fields = _u("HHHHHHIIIHHHHHII", cd, at + 4)
+        nlen, xlen, clen = fields[9:12]
         raw = cd[at + 46:at + 46 + nlen]
         extra = cd[at + 46 + nlen:at + 46 + nlen + xlen]
         at += 46 + nlen + xlen + clen
-        name = raw.decode("utf-8" if flags & 0x800 else "cp437", "replace")
-        usize, csize, local = _zip64(path, extra, usize, csize, local)
-        if flags & 0x1:
-            raise FormatError(path, f"encrypted entry '{name}'", "sdport reads only plain archives")
-        if method != 0 or csize != usize:
-            raise FormatError(path, f"compressed entry not supported: '{name}'",
-                              "PyTorch writes stored entries; re-save the checkpoint with torch.save")
-        if made >> 8 == 3 and (attr >> 16) & 0o170000 == 0o120000:
-            raise FormatError(path, f"symlink entry '{name}'", "the archive is crafted")
-        if name in seen:
-            raise FormatError(path, f"duplicate archive entry '{name}'", "the archive is crafted")
-        seen.add(name)
-        out.append((name, raw, flags, crc, usize, local))
+        out.append((raw.decode("utf-8" if fields[2] & 0x800 else "cp437", "replace"), raw, extra, fields))
     if at != len(cd):
         raise FormatError(path, "inconsistent zip headers (central directory size)", None)
+    return out
+
+
+def _check_central(path: str, records: list[tuple[str, bytes, bytes, tuple]]) -> list[tuple]:
+    """Per entry: stored, not encrypted, not a symlink, and named once."""
+    out, seen = [], set()
+    for name, raw, extra, (made, _, flags, method, _, _, crc, csize, usize, _, _, _, _, _, attr, local) in records:
+        usize, csize, local = _zip64(path, extra, usize, csize, local)
+        if flags & 0x1:
+            raise FormatError(path, f"encrypted entry {name!r}", "sdport reads only plain archives")
+        if method != 0 or csize != usize:
+            raise FormatError(path, f"compressed entry not supported: {name!r}",
+                              "PyTorch writes stored entries; re-save the checkpoint with torch.save")
+        if made >> 8 == 3 and (attr >> 16) & 0o170000 == 0o120000:
+            raise FormatError(path, f"symlink entry {name!r}", "the archive is crafted")
+        if name in seen:
+            raise FormatError(path, f"duplicate archive entry {name!r}", "the archive is crafted")
+        seen.add(name)
+        out.append((name, raw, flags, crc, usize, local))
     return out
 
 
@@ -127,12 +142,12 @@ def _check_locals(path: str, f, entries, cd_offset: int) -> dict[str, Entry]:
         f.seek(local)
         head = f.read(30)
         if len(head) < 30 or _u("I", head, 0)[0] != _LOCAL:
-            raise FormatError(path, f"inconsistent zip headers for '{name}'", None)
+            raise FormatError(path, f"inconsistent zip headers for {name!r}", None)
         _, _, lflags, lmethod, _, _, lcrc, lcsize, lusize, nlen, xlen = _u("IHHHHHIIIHH", head, 0)
         if f.read(nlen) != raw or lmethod != 0 or (lflags ^ flags) & 0x1:
-            raise FormatError(path, f"inconsistent zip headers for '{name}'", "the archive is crafted")
+            raise FormatError(path, f"inconsistent zip headers for {name!r}", "the archive is crafted")
         if not flags & 0x8 and lcrc != crc:
-            raise FormatError(path, f"inconsistent zip headers for '{name}' (CRC)", None)
+            raise FormatError(path, f"inconsistent zip headers for {name!r} (CRC)", None)
         start = local + 30 + nlen + xlen
         ranges.append((local, start + usize, name))
         result[name] = Entry(name, start, usize, crc)
@@ -141,7 +156,7 @@ def _check_locals(path: str, f, entries, cd_offset: int) -> dict[str, Entry]:
         raise FormatError(path, "unexpected data before zip", "not a plain PyTorch archive")
     for (_, end, a), (nxt, _, b) in zip(ranges, ranges[1:], strict=False):
         if end > nxt:
-            raise FormatError(path, f"overlapping archive entries '{a}' and '{b}'", "the archive is crafted")
+            raise FormatError(path, f"overlapping archive entries {a!r} and {b!r}", "the archive is crafted")
     if ranges[-1][1] > cd_offset:
         raise FormatError(path, "overlapping archive entries (data runs into the directory)", None)
     return result
