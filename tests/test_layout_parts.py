@@ -193,3 +193,19 @@ def test_half_precision_folder_equals_torch_half(sd1_single, tmp_path) -> None:
     unet = safetensors.torch.load_file(str(tmp_path / "h" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert torch.equal(unet["conv_in.weight"], ref["model.diffusion_model.input_blocks.0.0.weight"].half())
     assert np.all([v.dtype == torch.float16 for v in unet.values()])
+
+
+def test_zero_terminal_snr_marker_and_old_text_encoder_names(sd1_single, tmp_path) -> None:
+    sd = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+          for k, v in safetensors.torch.load_file(sd1_single).items()}
+    sd["ztsnr"] = torch.tensor([])
+    src = str(tmp_path / "old.safetensors")
+    safetensors.torch.save_file(sd, src)
+    assert run_cli("convert", src, tmp_path / "out").code == 0
+    scheduler = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["rescale_betas_zero_snr"] is True and scheduler["_class_name"] == "DDIMScheduler"
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "out"), local_files_only=True)
+    assert pipe.scheduler.config.rescale_betas_zero_snr and type(pipe.scheduler).__name__ == "DDIMScheduler"
+    want = {k: v for k, v in safetensors.torch.load_file(sd1_single).items() if "cond_stage_model" in k}
+    got = safetensors.torch.load_file(str(tmp_path / "out" / "text_encoder" / "model.safetensors"))
+    assert {"cond_stage_model.transformer." + k: v for k, v in got.items()}.keys() == want.keys()

@@ -24,7 +24,7 @@ EXTRAS = {
     **{n: "scheduler buffer: diffusers computes the noise schedule from scheduler_config.json" for n in SCHEDULE},
     "model_ema.decay": "EMA bookkeeping, not a weight", "model_ema.num_updates": "EMA bookkeeping, not a weight",
     "v_pred": "v-prediction marker: recorded as the scheduler's prediction_type",
-    "ztsnr": "zero-terminal-SNR marker: recorded in the scheduler config",
+    "ztsnr": "zero-terminal-SNR marker: the scheduler config rescales betas to zero terminal SNR",
 }
 WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "controlnet": "diffusion_pytorch_model",
            "text_encoder": "model", "text_encoder_2": "model"}
@@ -118,7 +118,8 @@ def to_diffusers(source: TensorSource, family_name: str, request: LayoutRequest,
     if family.name in PIPELINES:
         _drop_other_parts(source, family, request, plan)
     plan.extra = pipeline_files(family_name, shapes_by_component, layouts,
-                                prediction_type=request.prediction_type or "epsilon", variant=variant)
+                                prediction_type=request.prediction_type or "epsilon", variant=variant,
+                                zero_snr="ztsnr" in source.tensors)
     return plan
 
 

@@ -122,9 +122,14 @@ def text_config(shapes: Shapes, kind: str) -> dict:
     }
 
 
-def scheduler_config(family: Family, prediction_type: str) -> dict:
-    return {"_class_name": family.scheduler, "_diffusers_version": DIFFUSERS_VERSION, **BETAS,
-            **SCHEDULERS[family.scheduler], "prediction_type": prediction_type}
+def scheduler_config(family: Family, prediction_type: str, *, zero_snr: bool = False) -> dict:
+    """The family's scheduler; a zero-terminal-SNR model gets DDIM (PNDM cannot rescale) with rescaled betas."""
+    name = "DDIMScheduler" if zero_snr and family.scheduler == "PNDMScheduler" else family.scheduler
+    cfg = {"_class_name": name, "_diffusers_version": DIFFUSERS_VERSION, **BETAS, **SCHEDULERS[name],
+           "prediction_type": prediction_type}
+    if zero_snr:
+        cfg.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return cfg
 
 
 def tokenizer_files(pad: str) -> dict[str, bytes]:
@@ -138,13 +143,13 @@ def tokenizer_files(pad: str) -> dict[str, bytes]:
             "special_tokens_map.json": _json(special), "tokenizer_config.json": _json(config)}
 
 
-def model_index(family: Family, components: set[str], variant: str) -> dict:
+def model_index(family: Family, components: set[str], variant: str, scheduler: str) -> dict:
     """model_index.json of the pipeline; components left out (``--components``) are written as null."""
     pipeline = "StableDiffusionInpaintPipeline" if variant == "inpaint" and family.name == "sd1" else family.pipeline
     if variant == "inpaint" and family.name == "sdxl-base":
         pipeline = "StableDiffusionXLInpaintPipeline"
     entries = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-               "scheduler": ["diffusers", family.scheduler]}
+               "scheduler": ["diffusers", scheduler]}
     for part in family.parts:
         if part.component.startswith("text_encoder"):
             cls = "CLIPTextModelWithProjection" if part.projection else "CLIPTextModel"
@@ -169,7 +174,7 @@ def _json(obj: object) -> bytes:
 
 
 def pipeline_files(family_name: str, shapes: dict[str, Shapes], layouts: dict, *, prediction_type: str,
-                   variant: str = "") -> dict[str, bytes]:
+                   variant: str = "", zero_snr: bool = False) -> dict[str, bytes]:
     """Every non-weight file of a diffusers folder for the components in ``shapes`` (component → shapes)."""
     family = FAMILIES[family_name]
     files: dict[str, bytes] = {}
@@ -188,6 +193,7 @@ def pipeline_files(family_name: str, shapes: dict[str, Shapes], layouts: dict, *
             files.update({f"{tokenizer}/{k}": v for k, v in tokenizer_files(pad).items()})
         files[folder.format(component) + "config.json"] = _json(cfg)
     if family_name in PIPELINES:
-        files["scheduler/scheduler_config.json"] = _json(scheduler_config(family, prediction_type))
-        files["model_index.json"] = _json(model_index(family, set(shapes), variant))
+        scheduler = scheduler_config(family, prediction_type, zero_snr=zero_snr)
+        files["scheduler/scheduler_config.json"] = _json(scheduler)
+        files["model_index.json"] = _json(model_index(family, set(shapes), variant, scheduler["_class_name"]))
     return files
