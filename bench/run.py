@@ -37,7 +37,9 @@ def _size(path: str) -> int:
 
 
 def _cp(src: str, dst: str) -> list[str]:
-    return ["sh", "-c", f"cp -r {src} {dst} && sync {dst}"]
+    """cp, then flush what it wrote (every file of a folder: ``sync DIR`` would flush only the folder itself)."""
+    flush = f"find {dst} -type f -exec sync {{}} +" if os.path.isdir(src) else f"sync {dst}"
+    return ["sh", "-c", f"cp -r {src} {dst} && {flush}"]
 
 
 def layouts(data: str, out: str, tools: str) -> list[tuple[str, str, list[str], str]]:

@@ -20,6 +20,9 @@ from .atomic import AtomicFile, disk_error
 from .base import Slot
 
 _COPY_CHUNK = 64 << 20
+#: once this many bytes are written, the kernel is asked to start writing them to disk (write-behind), so that
+#: the final fsync has little left to do and the output does not crowd the page cache
+WRITE_BEHIND = 64 << 20
 
 
 class StreamWriter:
@@ -40,6 +43,7 @@ class StreamWriter:
         self.pos = 0
         self.crc = 0
         self.left = 0
+        self.flushed = 0
 
     # ----------------------------------------------------------------- public protocol
     def begin(self, slots: Sequence[Slot], metadata: dict[str, str] | None = None) -> None:
@@ -107,6 +111,14 @@ class StreamWriter:
                 self.pos += n
         except OSError as exc:
             raise disk_error(self.target, exc) from exc
+        self._write_behind()
+
+    def _write_behind(self) -> None:
+        """Start writeback of what was written since the last call, once it is WRITE_BEHIND bytes or more."""
+        if self.pos - self.flushed >= WRITE_BEHIND and hasattr(os, "posix_fadvise"):
+            # DONTNEED starts writeback of the dirty pages at once and drops them from the cache when clean
+            os.posix_fadvise(self.out.fd, self.flushed, self.pos - self.flushed, os.POSIX_FADV_DONTNEED)
+            self.flushed = self.pos
 
     def _next(self, name: str) -> Slot:
         if self.out is None:
@@ -138,6 +150,7 @@ class StreamWriter:
                 raise FormatError(src_path, "read error (I/O error)", "the disk holding the input failed") from exc
             raise disk_error(self.target, exc) from exc
         self.pos += nbytes
+        self._write_behind()
 
     def _copy_through_memory(self, src_fd: int, offset: int, nbytes: int, src_path: str) -> None:
         buf = bytearray(min(nbytes, _COPY_CHUNK))
