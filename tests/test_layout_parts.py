@@ -209,3 +209,59 @@ def test_zero_terminal_snr_marker_and_old_text_encoder_names(sd1_single, tmp_pat
     want = {k: v for k, v in safetensors.torch.load_file(sd1_single).items() if "cond_stage_model" in k}
     got = safetensors.torch.load_file(str(tmp_path / "out" / "text_encoder" / "model.safetensors"))
     assert {"cond_stage_model.transformer." + k: v for k, v in got.items()}.keys() == want.keys()
+
+
+def _tree(folder) -> dict[str, str]:
+    return {os.path.relpath(os.path.join(d, f), folder): sha256(os.path.join(d, f))
+            for d, _, fs in os.walk(folder) for f in fs}
+
+
+def test_a_folder_output_appears_whole_or_not_at_all(sd1_single, tmp_path, monkeypatch) -> None:
+    import errno
+
+    from sdport.errors import OutputError
+
+    out = tmp_path / "out"
+    sdport.convert(sd1_single, out)
+    before = _tree(out)
+
+    rename, failed = os.rename, []
+
+    def full(src, dst):  # publishing the new folder, the very last step, fails (once)
+        if os.path.isdir(src) and ".sdport-" in os.fspath(src) and not failed:
+            failed.append(src)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", full)
+    with pytest.raises(OutputError, match="no space left"):
+        sdport.convert(sd1_single, out, force=True, dtype="fp16")
+    assert _tree(out) == before and leftovers(tmp_path) == []  # the old folder stands, no temp folder is left
+    failed.clear()
+    with pytest.raises(OutputError, match="no space left"):
+        sdport.convert(sd1_single, tmp_path / "new")
+    assert not (tmp_path / "new").exists() and leftovers(tmp_path) == []
+    monkeypatch.undo()
+    sdport.convert(sd1_single, out, force=True, dtype="fp16")
+    assert _tree(out) != before and sdport.inspect(out)["dtypes"] == {"F16": sdport.inspect(sd1_single)["tensors"]}
+
+
+@pytest.fixture(scope="module")
+def sdxl_single(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("sdxl")
+    models.save_pipeline("sdxl-base", str(root / "ref"))
+    assert run_cli("convert", root / "ref", root / "sdxl.safetensors").code == 0
+    return str(root / "sdxl.safetensors")
+
+
+@pytest.mark.parametrize("cut,words", [("conditioner.embedders.1.model.text_projection", "text_projection is missing"),
+                                       ("conditioner.embedders.0.transformer.text_model.encoder.layers.11.",
+                                        "CLIP-L has 11 of its 12 layers")])
+def test_sdxl_text_encoders_that_would_be_misread_are_refused(sdxl_single, tmp_path, cut, words) -> None:
+    sd = {k: v for k, v in safetensors.torch.load_file(sdxl_single).items() if not k.startswith(cut)}
+    src = str(tmp_path / "cut.safetensors")
+    safetensors.torch.save_file(sd, src)
+    r = run_cli("convert", src, tmp_path / "out")
+    assert r.code == 2 and words in r.err and src in r.err and not (tmp_path / "out").exists()
+    r = run_cli("convert", src, tmp_path / "unet", "--components", "unet,vae")
+    assert r.code == 0, r.err

@@ -31,6 +31,7 @@ WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", 
 PROBES = {"unet": ("input_blocks.0.0.weight", "conv_in.weight"),
           "controlnet": ("input_hint_block.0.weight", "controlnet_cond_embedding.conv_in.weight"),
           "vae": ("encoder.conv_in.weight", "encoder.conv_in.weight")}
+CLIP_L_LAYERS = 12
 LDM_PREFIXES = {"vae": ("first_stage_model.", "vae.", ""), "controlnet": ("control_model.", "")}
 
 
@@ -98,6 +99,7 @@ def to_diffusers(source: TensorSource, family_name: str, request: LayoutRequest,
                               f"pass --components without {part.component}")
         shapes = {k[len(prefix):]: i.shape for k, i in source.tensors.items() if k.startswith(prefix)}
         links, layout = part_links(part, shapes, True)
+        _check_text_encoder(source, family, part, prefix, links)
         remap = {n: prefix + n for n in shapes}
         if part.kind == "unet" and request.ema:
             if not has_ema:
@@ -147,6 +149,23 @@ def to_single_file(source: TensorSource, family_name: str, request: LayoutReques
     metadata = {"format": "pt"} if request.fmt == "safetensors" else {}
     plan.files.append(OutputFile(".", request.fmt, tensors, metadata, root))
     return plan
+
+
+def _check_text_encoder(source: TensorSource, family: Family, part: Part, prefix: str, links: Links) -> None:
+    """Refuse text encoders the pipeline would silently misread: SDXL without bigG's projection or CLIP-L's last layer.
+
+    SDXL reads CLIP-L's second-to-last hidden state, so a CLIP-L stored without its last layer would
+    make diffusers read the wrong layer; the pooled embedding needs bigG's ``text_projection``.
+    """
+    outputs = {link.out for link in links.links}
+    if part.projection and "text_projection.weight" not in outputs:
+        raise SdportError(source.path, f"{prefix}text_projection is missing", "SDXL's pooled text embedding needs "
+                          "it; convert with --components without " + part.component)
+    layers = {int(o.split(".")[3]) for o in outputs if o.startswith("text_model.encoder.layers.")}
+    if part.kind == "clip-l" and family.name == "sdxl-base" and layers and len(layers) < CLIP_L_LAYERS:
+        raise SdportError(source.path, f"{prefix}: CLIP-L has {len(layers)} of its {CLIP_L_LAYERS} layers",
+                          "SDXL reads the second-to-last layer, so the folder would compute other embeddings; "
+                          "not supported")
 
 
 def _extras(source: TensorSource) -> dict[str, str]:

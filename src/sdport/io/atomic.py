@@ -86,11 +86,10 @@ def disk_error(target: str, exc: OSError) -> OutputError:
     return OutputError(target, f"cannot write output: {exc.strerror or exc}", None)
 
 
-class AtomicFile:
-    """A file written under a temp name and renamed onto ``target`` only by ``commit``.
+class _Atomic:
+    """What AtomicFile and AtomicDir share: a temp name beside the target, made by ``_create``, removed on failure.
 
-    Use as a context manager: leaving the block without ``commit`` (an exception, Ctrl-C)
-    deletes the temp file.
+    Use as a context manager: leaving the block without ``commit`` (an exception, Ctrl-C) aborts.
     """
 
     def __init__(self, target: str, *, force: bool = False):
@@ -99,17 +98,30 @@ class AtomicFile:
         remove_stale_temps(os.path.dirname(self.target))
         self.tmp = temp_name(self.target)
         try:
-            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+            self._create()
         except OSError as exc:
             raise disk_error(self.target, exc) from exc
         self.done = False
 
-    def __enter__(self) -> AtomicFile:
+    def _create(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> _Atomic:
         return self
 
     def __exit__(self, *exc: object) -> None:
         if not self.done:
             self.abort()
+
+
+class AtomicFile(_Atomic):
+    """A file written under a temp name and renamed onto ``target`` only by ``commit``."""
+
+    def _create(self) -> None:
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
 
     def commit(self) -> None:
         try:
@@ -151,30 +163,15 @@ def publish(tmp: str, target: str, *, force: bool) -> None:
     fsync_dir(os.path.dirname(target))
 
 
-class AtomicDir:
+class AtomicDir(_Atomic):
     """A folder built under a temp name beside ``target`` and renamed onto it only by ``commit``.
 
     With ``force``, an existing target is moved aside, replaced, then deleted, so the target path
     always holds either the old folder or the complete new one.
     """
 
-    def __init__(self, target: str, *, force: bool = False):
-        self.target = os.path.abspath(target)
-        self.force = force
-        remove_stale_temps(os.path.dirname(self.target))
-        self.tmp = temp_name(self.target)
-        try:
-            os.mkdir(self.tmp)
-        except OSError as exc:
-            raise disk_error(self.target, exc) from exc
-        self.done = False
-
-    def __enter__(self) -> AtomicDir:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if not self.done:
-            self.abort()
+    def _create(self) -> None:
+        os.mkdir(self.tmp)
 
     def path(self, relative: str) -> str:
         """Where to write ``relative`` (a path sdport chose) inside the folder; its parent folders are made."""
@@ -198,21 +195,25 @@ class AtomicDir:
             raise disk_error(self.target, exc) from exc
 
     def commit(self) -> None:
+        """Flush every folder, then swap the new folder in; on failure the old target is put back."""
+        if os.path.lexists(self.target) and not self.force:
+            self.abort()
+            raise OutputError(self.target, "output already exists", "pass --force to replace it")
+        old = None
         try:
             for folder, _, _ in os.walk(self.tmp):
                 fsync_dir(folder)
-            old = None
             if os.path.lexists(self.target):
-                if not self.force:
-                    raise OutputError(self.target, "output already exists", "pass --force to replace it")
                 old = temp_name(self.target)
                 os.rename(self.target, old)
             os.rename(self.tmp, self.target)
-            fsync_dir(os.path.dirname(self.target))
         except OSError as exc:
+            if old is not None and not os.path.lexists(self.target):
+                os.rename(old, self.target)
             self.abort()
             raise disk_error(self.target, exc) from exc
         self.done = True
+        fsync_dir(os.path.dirname(self.target))
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
