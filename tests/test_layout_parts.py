@@ -265,3 +265,52 @@ def test_sdxl_text_encoders_that_would_be_misread_are_refused(sdxl_single, tmp_p
     assert r.code == 2 and words in r.err and src in r.err and not (tmp_path / "out").exists()
     r = run_cli("convert", src, tmp_path / "unet", "--components", "unet,vae")
     assert r.code == 0, r.err
+
+
+def test_a_pipeline_folder_missing_a_component_says_which(sd1_single, tmp_path) -> None:
+    import shutil
+
+    assert run_cli("convert", sd1_single, tmp_path / "full").code == 0
+    shutil.copytree(tmp_path / "full", tmp_path / "partial")
+    shutil.rmtree(tmp_path / "partial" / "text_encoder")
+    r = run_cli("convert", tmp_path / "partial", tmp_path / "out.safetensors")
+    assert r.code == 2 and "no text_encoder weights" in r.err and "--components" in r.err
+    r = run_cli("convert", tmp_path / "partial", tmp_path / "out.safetensors", "--components", "unet,vae")
+    assert r.code == 0, r.err
+    with safetensors.safe_open(str(tmp_path / "out.safetensors"), "np") as f:
+        assert not any(k.startswith("cond_stage_model.") for k in f.keys())
+
+
+def test_fp16_variant_folders_and_modelspec_metadata_are_carried_across(tmp_path) -> None:
+    import shutil
+
+    ref = models.save_pipeline("sd2", str(tmp_path / "ref"), prediction_type="epsilon")
+    shutil.copytree(ref, tmp_path / "variant")
+    for comp, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                       ("text_encoder", "model")):
+        folder = tmp_path / "variant" / comp
+        os.rename(folder / f"{stem}.safetensors", folder / f"{stem}.fp16.safetensors")
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert run_cli("convert", ref, a).code == 0
+    assert run_cli("convert", tmp_path / "variant", b).code == 0
+    assert sha256(a) == sha256(b)
+    with safetensors.safe_open(str(a), "np") as f:
+        assert f.metadata()["modelspec.predict_key"] == "epsilon"  # from the scheduler config
+    report = sdport.inspect(str(a))
+    assert report["prediction_type"] == "epsilon" and "modelspec metadata says epsilon" in report["prediction_reason"]
+    assert run_cli("convert", a, tmp_path / "back").code == 0  # an SD2 file that says epsilon stays epsilon
+    scheduler = json.loads((tmp_path / "back" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "epsilon"
+    with safetensors.safe_open(str(tmp_path / "back" / "unet" / "diffusion_pytorch_model.safetensors"), "np") as f:
+        assert f.metadata()["modelspec.predict_key"] == "epsilon"
+
+
+def test_the_demo_makes_a_checkpoint_a_half_precision_file_and_a_pipeline_that_diffusers_loads(tmp_path) -> None:
+    r = run_cli("demo", tmp_path / "demo")
+    assert r.code == 0, r.err
+    assert sorted(os.listdir(tmp_path / "demo")) == ["demo-sd1-diffusers", "demo-sd1.ckpt", "demo-sd1.fp16.safetensors"]
+    assert "family      sd1" in r.out and "prediction type epsilon" in r.out
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "demo" / "demo-sd1-diffusers"),
+                                                             local_files_only=True)
+    ref = torch.load(tmp_path / "demo" / "demo-sd1.ckpt", weights_only=True)["state_dict"]
+    assert torch.equal(pipe.unet.conv_in.weight, ref["model.diffusion_model.input_blocks.0.0.weight"])

@@ -198,7 +198,7 @@ def write_demo_checkpoint(path: str, *, force: bool = False) -> None:
 
 
 def run_demo(folder: str, echo) -> None:
-    """Build the demo checkpoint in ``folder``, inspect it, and convert it to fp16 safetensors."""
+    """Build the demo checkpoint in ``folder``, inspect it, convert it to fp16 safetensors and to a diffusers folder."""
     import os
 
     from .conversion import convert
@@ -215,3 +215,14 @@ def run_demo(folder: str, echo) -> None:
     echo(f"wrote {out}: {result.tensors} tensors, {result.bytes:,} bytes")
     echo(f"\n$ sdport inspect {out}")
     echo(render(inspect(out)))
+    folder_out = os.path.join(folder, "demo-sd1-diffusers")
+    echo(f"\n$ sdport convert {ckpt} {folder_out} --report")
+    result = convert(ckpt, folder_out, force=True)
+    echo(f"wrote {folder_out}: {result.tensors} tensors, {result.bytes:,} bytes, prediction type "
+         f"{result.prediction_type}")
+    for name, why in result.dropped.items():
+        echo(f"dropped {name}: {why}")
+    for root, _, files in sorted(os.walk(folder_out)):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            echo(f"  {os.path.relpath(path, folder_out):50s} {os.path.getsize(path):>12,} bytes")

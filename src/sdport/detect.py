@@ -52,13 +52,13 @@ SIGNATURES: tuple[Signature, ...] = (
     Signature("vae", "ldm", (r"(first_stage_model\.|vae\.)?encoder\.down\.0\.block\.0\.conv1\.weight",
                              r"(first_stage_model\.|vae\.)?decoder\.conv_out\.weight",
                              r"(first_stage_model\.|vae\.)?quant_conv\.weight"), none_of=(_UNET + ".*",)),
-    Signature("sdxl-refiner", "diffusers", (r"unet\.add_embedding\.linear_1\.weight", r"text_encoder_2\..*"),
-              none_of=(r"text_encoder\..*",)),
-    Signature("sdxl-base", "diffusers",
-              (r"unet\.add_embedding\.linear_1\.weight", r"text_encoder\..*", r"text_encoder_2\..*")),
-    Signature("sd2", "diffusers", (r"unet\.conv_in\.weight", r"text_encoder\..*"), none_of=(r"text_encoder_2\..*",),
+    # diffusers pipelines by their UNet, so that a folder missing a text encoder is still recognised
+    Signature("sdxl-refiner", "diffusers", (r"unet\.add_embedding\.linear_1\.weight", r"unet\.down_blocks\.3\..*")),
+    Signature("sdxl-base", "diffusers", (r"unet\.add_embedding\.linear_1\.weight",),
+              none_of=(r"unet\.down_blocks\.3\..*",)),
+    Signature("sd2", "diffusers", (r"unet\.conv_in\.weight",), none_of=(r"unet\.add_embedding\..*",),
               facts=(Fact(_PROJ_IN_DIF, "ndim", 2),)),
-    Signature("sd1", "diffusers", (r"unet\.conv_in\.weight", r"text_encoder\..*"), none_of=(r"text_encoder_2\..*",),
+    Signature("sd1", "diffusers", (r"unet\.conv_in\.weight",), none_of=(r"unet\.add_embedding\..*",),
               facts=(Fact(_PROJ_IN_DIF, "ndim", 4),)),
     Signature("controlnet", "diffusers", (r"controlnet_cond_embedding\.conv_in\.weight",)),
     Signature("unet", "diffusers", (r"conv_in\.weight", r"time_embedding\.linear_1\.weight", r"down_blocks\..*")),
@@ -87,7 +87,7 @@ class Detection:
     variant: str = ""
     adapter_format: str = ""
     evidence: list[str] = field(default_factory=list)
-    prediction: str = ""  # the evidence that the model predicts v, when the file says so
+    prediction: tuple[str, str] = ("", "")  # what the file says the model predicts, and where it says so
 
 
 def _first(pattern: str, tensors: dict[str, TensorInfo]) -> str | None:
@@ -145,14 +145,17 @@ def _variant(found: Detection, tensors: dict[str, TensorInfo], metadata: dict[st
     said = metadata.get("modelspec.predict_key") or metadata.get("modelspec.prediction_type", "")
     if "v_pred" in tensors or said.startswith("v"):
         found.variant = (found.variant + "+v-prediction").lstrip("+")
-        found.prediction = "v_pred marker present" if "v_pred" in tensors else f"modelspec metadata says {said}"
-        found.evidence.append(found.prediction)
+        found.prediction = ("v_prediction", "v_pred marker present" if "v_pred" in tensors
+                            else f"modelspec metadata says {said}")
+        found.evidence.append(found.prediction[1])
+    elif said.startswith("eps"):
+        found.prediction = ("epsilon", f"modelspec metadata says {said}")
 
 
 def prediction_type(found: Detection) -> tuple[str, str]:
     """``epsilon`` or ``v_prediction`` for a detected model, and how it was decided."""
-    if found.prediction:
-        return "v_prediction", f"the file says so ({found.prediction})"
+    if found.prediction[0]:
+        return found.prediction[0], f"the file says so ({found.prediction[1]})"
     if found.family == "sd2":
         return "v_prediction", ("SD2's default: the 768 px v-prediction models are the common ones; pass "
                                 "--prediction-type epsilon for SD2-base (512 px)")

@@ -109,8 +109,9 @@ def to_diffusers(source: TensorSource, family_name: str, request: LayoutRequest,
         outputs = [derive(link.out, request.dtype, source, tuple(remap[i] for i in link.inputs), link.op, link.args)
                    for link in links.links]
         folder = f"{part.component}/" if family.name in PIPELINES else ""
+        metadata = {"format": "pt", **(_modelspec(source) if part.kind == "unet" else {})}
         plan.files.append(OutputFile(f"{folder}{WEIGHTS[part.component]}.safetensors", "safetensors", outputs,
-                                     {"format": "pt"}))
+                                     metadata))
         plan.dropped.update({prefix + k: v for k, v in links.dropped.items()})
         shapes_by_component[part.component] = {t.name: t.shape for t in outputs}
         layouts[part.component] = layout
@@ -132,7 +133,8 @@ def to_single_file(source: TensorSource, family_name: str, request: LayoutReques
     plan = Plan(files=[])
     for part in _parts(family, request):
         probe = PROBES.get(part.kind, (None, None))[1]
-        prefix = _prefix(source, (part.component + ".", ""), probe)
+        alone = ("",) if family.name not in PIPELINES else ()  # a component folder's names have no prefix
+        prefix = _prefix(source, (part.component + ".", *alone), probe)
         if prefix is None:
             raise SdportError(source.path, f"no {part.component} weights in this folder",
                               f"pass --components without {part.component}")
@@ -146,7 +148,7 @@ def to_single_file(source: TensorSource, family_name: str, request: LayoutReques
         if component in ("safety_checker", "image_encoder", "feature_extractor"):
             plan.dropped[k] = f"{component}: not part of an original single file"
     root = "state_dict" if request.fmt == "ckpt" and family_name in PIPELINES else ""
-    metadata = {"format": "pt"} if request.fmt == "safetensors" else {}
+    metadata = {"format": "pt", **_modelspec(source)} if request.fmt == "safetensors" else {}
     plan.files.append(OutputFile(".", request.fmt, tensors, metadata, root))
     return plan
 
@@ -166,6 +168,11 @@ def _check_text_encoder(source: TensorSource, family: Family, part: Part, prefix
         raise SdportError(source.path, f"{prefix}: CLIP-L has {len(layers)} of its {CLIP_L_LAYERS} layers",
                           "SDXL reads the second-to-last layer, so the folder would compute other embeddings; "
                           "not supported")
+
+
+def _modelspec(source: TensorSource) -> dict[str, str]:
+    """The ``modelspec.*`` metadata (architecture, prediction type …), carried across layouts."""
+    return {k: v for k, v in source.metadata.items() if k.startswith("modelspec.")}
 
 
 def _extras(source: TensorSource) -> dict[str, str]:

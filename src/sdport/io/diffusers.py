@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from ..errors import FormatError, UnsafeFileError
 from .base import TensorSource
@@ -47,8 +48,19 @@ def contained(folder: str, name: str, where: str) -> str:
 
 
 def _component_files(folder: str, variant: str | None) -> tuple[list[str], tuple[str, dict] | None]:
-    """The weight files of one component folder, and (index path, weight_map) when sharded."""
+    """The weight files of one component folder, and (index path, weight_map) when sharded.
+
+    Without ``variant``, a folder that holds only one variant (``model.fp16.safetensors``, as
+    ``save_pretrained(variant="fp16")`` and MindOne write) is read as that variant.
+    """
     names = set(os.listdir(folder))
+    plain = {f"{stem}.{ext}{index}" for stem in WEIGHT_STEMS for ext in ("safetensors", "bin")
+             for index in ("", ".index.json")}
+    if variant is None and not names & plain:
+        rx = re.compile(rf"(?:{'|'.join(WEIGHT_STEMS)})\.(\w+)\.(?:safetensors|bin)(?:\.index\.json)?")
+        found = {m[1] for n in names if (m := rx.fullmatch(n))}
+        if len(found) == 1:
+            variant = found.pop()
     for stem in WEIGHT_STEMS:
         for ext in ("safetensors", "bin"):
             base = f"{stem}.{variant}.{ext}" if variant else f"{stem}.{ext}"
@@ -111,5 +123,19 @@ def open_diffusers(path: str, *, variant: str | None = None) -> TensorSource:
             for name, info in part.tensors.items():
                 source.tensors[prefix + name] = info.__class__(**{**info.__dict__, "name": prefix + name})
             source.non_tensors.update({prefix + k: v for k, v in part.non_tensors.items()})
+            source.metadata.update({k: v for k, v in part.metadata.items() if k.startswith("modelspec.")})
             part.close()
+    source.metadata.update(_scheduler_metadata(path))
     return source
+
+
+def _scheduler_metadata(path: str) -> dict[str, str]:
+    """What the pipeline's scheduler says the UNet predicts, in the ``modelspec`` words single files use."""
+    config = os.path.join(path, "scheduler", "scheduler_config.json")
+    if not os.path.isfile(config):
+        return {}
+    doc = _strict_json(config)
+    prediction = doc.get("prediction_type") if isinstance(doc, dict) else None
+    if prediction not in ("epsilon", "v_prediction"):
+        return {}
+    return {"modelspec.predict_key": "v" if prediction == "v_prediction" else "epsilon"}
