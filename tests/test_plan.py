@@ -7,7 +7,7 @@ import pytest
 
 from sdport.errors import PlanError, UnknownKeyError
 from sdport.io.base import TensorInfo, TensorSource
-from sdport.plan import OutputFile, OutputTensor, Plan, compute, validate
+from sdport.plan import OutputFile, OutputTensor, Patch, Plan, compute, validate
 
 
 def _source(**shapes: tuple[int, ...]) -> TensorSource:
@@ -46,10 +46,36 @@ def test_a_missing_input_is_refused() -> None:
 
 def test_split_concat_transpose_reshape_compute_like_numpy() -> None:
     qkv = np.arange(36, dtype=np.float32).reshape(6, 6)
-    parts = [compute(OutputTensor(f"p{i}", "F32", (2, 6), ("qkv",), "split", (0, i, 3)), [qkv]) for i in range(3)]
+    arrays = {"qkv": qkv, "x": qkv}
+    parts = [compute(OutputTensor(f"p{i}", "F32", (2, 6), ("qkv",), "split", (0, i, 3)), arrays.get) for i in range(3)]
     np.testing.assert_array_equal(np.concatenate(parts), qkv)
-    joined = compute(OutputTensor("j", "F32", (6, 6), ("a", "b", "c"), "concat", (0,)), parts)
+    arrays.update(a=parts[0], b=parts[1], c=parts[2])
+    joined = compute(OutputTensor("j", "F32", (6, 6), ("a", "b", "c"), "concat", (0,)), arrays.get)
     np.testing.assert_array_equal(joined, qkv)
-    np.testing.assert_array_equal(compute(OutputTensor("t", "F32", (6, 6), ("x",), "transpose"), [qkv]), qkv.T)
-    conv = compute(OutputTensor("r", "F16", (6, 6, 1, 1), ("x",), "reshape", ((6, 6, 1, 1),)), [qkv])
+    np.testing.assert_array_equal(compute(OutputTensor("t", "F32", (6, 6), ("x",), "transpose"), arrays.get), qkv.T)
+    conv = compute(OutputTensor("r", "F16", (6, 6, 1, 1), ("x",), "reshape", ((6, 6, 1, 1),)), arrays.get)
     assert conv.shape == (6, 6, 1, 1) and conv.dtype == np.float16
+
+
+def test_patches_add_low_rank_updates_in_fp32_to_whole_tensors_and_row_blocks() -> None:
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 4)).astype(np.float16)
+    up, down = rng.standard_normal((2, 3)).astype(np.float32), rng.standard_normal((3, 4)).astype(np.float32)
+    arrays = {"w": w, "up": up, "down": down}
+    got = compute(OutputTensor("w", "F16", (6, 4), ("w",), patches=(Patch("w", ("up", "down"), 0.5, (1, 3)),)),
+                  arrays.get)
+    want = w.astype(np.float32)
+    want[2:4] += 0.5 * up @ down
+    np.testing.assert_array_equal(got, want.astype(np.float16))
+    conv_up, conv_down = rng.standard_normal((6, 3, 1, 1)), rng.standard_normal((3, 2, 3, 3))
+    mid = rng.standard_normal((3, 3, 3, 3))
+    arrays.update(cw=np.zeros((6, 2, 3, 3), np.float32), cu=conv_up, cd=conv_down, mid=mid)
+    locon = compute(OutputTensor("cw", "F32", (6, 2, 3, 3), ("cw",), patches=(Patch("cw", ("cu", "cd"), 1.0),)),
+                    arrays.get)
+    np.testing.assert_allclose(locon, np.einsum("or,rikl->oikl", conv_up[:, :, 0, 0], conv_down), rtol=1e-5, atol=1e-5)
+    tucker_down = rng.standard_normal((3, 2, 1, 1))
+    arrays["td"] = tucker_down
+    tucker = compute(OutputTensor("cw", "F32", (6, 2, 3, 3), ("cw",),
+                                  patches=(Patch("cw", ("cu", "td", "mid"), 2.0),)), arrays.get)
+    want = 2 * np.einsum("mnkl,im,nj->ijkl", mid, conv_up[:, :, 0, 0], tucker_down[:, :, 0, 0])
+    np.testing.assert_allclose(tucker, want, rtol=1e-5, atol=1e-5)

@@ -98,7 +98,7 @@ def _cast_range(source: TensorSource, info: TensorInfo, start: int, count: int, 
 
 
 def _compute_whole(source: TensorSource, t: OutputTensor) -> np.ndarray:
-    return compute(t, [source.read(i) for i in t.inputs])
+    return compute(t, source.read)
 
 
 def _parts_of(name: str, pieces: Iterator[tuple[str, np.ndarray, bool]]) -> Iterator[np.ndarray]:

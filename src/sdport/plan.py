@@ -59,8 +59,23 @@ _ARITY = {"identity": 1, "reshape": 1, "transpose": 1, "split": 1}
 
 
 @dataclass(frozen=True)
+class Patch:
+    """A low-rank update added, in fp32, to one input of an output tensor before its op (a merged LoRA module).
+
+    ``scale · up @ down`` — or, with a third factor, the Tucker form around ``mid`` — reshaped to the
+    target; with ``rows = (k, parts)`` it updates only the k-th of ``parts`` equal row blocks (q, k or v
+    of a fused ``in_proj``).
+    """
+
+    target: str
+    factors: tuple[str, ...]  # up, down[, mid]
+    scale: float
+    rows: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
 class OutputTensor:
-    """One tensor of an output file: ``op(inputs…)`` cast to ``dtype``."""
+    """One tensor of an output file: ``op(inputs…)``, its inputs first updated by ``patches``, cast to ``dtype``."""
 
     name: str
     dtype: str
@@ -68,9 +83,15 @@ class OutputTensor:
     inputs: tuple[str, ...]
     op: str = "identity"
     args: tuple = ()
+    patches: tuple[Patch, ...] = ()
 
     def slot(self) -> Slot:
         return Slot(self.name, self.dtype, self.shape)
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """Every tensor this output is computed from: its inputs and the factors of its patches."""
+        return self.inputs + tuple(f for p in self.patches for f in p.factors)
 
 
 @dataclass
@@ -108,7 +129,7 @@ def validate(plan: Plan, source: TensorSource, *, allow_unknown: bool = False) -
                 raise PlanError(out.path, f"output tensor '{t.name}' defined twice", "a rule table is wrong")
             names.add(t.name)
             _check_tensor(t, source, out.path)
-            used.update(t.inputs)
+            used.update(t.reads)
     left = [k for k in source.tensors if k not in used and k not in plan.dropped]
     if left and not allow_unknown:
         shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
@@ -131,6 +152,22 @@ def _check_tensor(t: OutputTensor, source: TensorSource, where: str) -> None:
                         f"{[list(s) for s in shapes]}", "the model is of another family or damaged")
     if t.dtype not in BY_CODE:
         raise PlanError(where, f"'{t.name}': unknown dtype {t.dtype}", None)
+    for patch in t.patches:
+        _check_patch(t, patch, source)
+
+
+def _check_patch(t: OutputTensor, patch: Patch, source: TensorSource) -> None:
+    missing = [f for f in (patch.target, *patch.factors) if f not in source.tensors]
+    if missing or patch.target not in t.inputs or len(patch.factors) not in (2, 3):
+        raise PlanError(source.path, f"'{t.name}': patch of '{patch.target}' is incomplete ({missing})", None)
+    target = source.tensors[patch.target].shape
+    up, down, *mid = (source.tensors[f].shape for f in patch.factors)
+    rank_ok = down[0] == (mid[0][1] if mid else up[1] if len(up) > 1 else -1)
+    numel = up[0] * (math.prod(down[1:]) * math.prod(mid[0][2:]) if mid else math.prod(down[1:]))
+    block = math.prod(target) // (patch.rows[1] if patch.rows else 1)
+    if not rank_ok or numel != block or (patch.rows and target[0] % patch.rows[1]):
+        raise PlanError(source.path, f"update of '{patch.target}' {list(target)} from factors "
+                        f"{[list(s) for s in (up, down, *mid)]} does not fit", "the adapter is for another model")
 
 
 def derive(name: str, cast_to: str | None, source: TensorSource, inputs: tuple[str, ...], op: str = "identity",
@@ -149,14 +186,38 @@ def derive(name: str, cast_to: str | None, source: TensorSource, inputs: tuple[s
     return OutputTensor(name, cast_to if cast_to and BY_CODE[dtype].is_float else dtype, shape, inputs, op, args)
 
 
-def compute(t: OutputTensor, arrays: Sequence[np.ndarray]) -> np.ndarray:
-    """The output tensor's values from its inputs' arrays."""
-    return cast(OPS[t.op].compute(list(arrays), t.args), t.dtype)
+def compute(t: OutputTensor, read: Callable[[str], np.ndarray]) -> np.ndarray:
+    """The output tensor's values, reading its inputs (and its patches' factors) with ``read``."""
+    arrays = [read(i) for i in t.inputs]
+    for patch in t.patches:
+        k = t.inputs.index(patch.target)
+        arrays[k] = apply_patch(arrays[k], patch, [read(f) for f in patch.factors])
+    return cast(OPS[t.op].compute(arrays, t.args), t.dtype)
+
+
+def low_rank_delta(factors: Sequence[np.ndarray]) -> np.ndarray:
+    """``up @ down`` in fp32 over flattened factors; with a Tucker core ``mid``, contracted around it."""
+    up, down, *mid = (cast(f, "F32") for f in factors)
+    up2, down2 = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
+    if mid:
+        return np.einsum("mnkl,im,nj->ijkl", mid[0], up2, down2)
+    return up2 @ down2
+
+
+def apply_patch(weight: np.ndarray, patch: Patch, factors: Sequence[np.ndarray]) -> np.ndarray:
+    """``weight`` in fp32 with the patch's update added."""
+    out = cast(weight, "F32")
+    if out is weight:  # never update the caller's array
+        out = out.copy()
+    block = out if patch.rows is None else out.reshape(patch.rows[1], -1, *out.shape[1:])[patch.rows[0]]
+    block += np.float32(patch.scale) * low_rank_delta(factors).reshape(block.shape)
+    return out
 
 
 def is_elementwise(t: OutputTensor, source: TensorSource) -> bool:
     """True when the output is one contiguous input, element for element, perhaps cast (computable in pieces)."""
-    return t.op in ("identity", "reshape") and len(t.inputs) == 1 and source.tensors[t.inputs[0]].contiguous
+    return (t.op in ("identity", "reshape") and len(t.inputs) == 1 and not t.patches
+            and source.tensors[t.inputs[0]].contiguous)
 
 
 def is_passthrough(t: OutputTensor, source: TensorSource) -> bool:
