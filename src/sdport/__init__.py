@@ -5,6 +5,7 @@ The public API is small and lazy: importing sdport imports neither numpy nor tor
     >>> import sdport
     >>> sdport.inspect("model.ckpt")["family"]
     >>> sdport.convert("model.ckpt", "model.safetensors", dtype="fp16")
+    >>> sdport.merge_loras("model.safetensors", "merged", ["style.safetensors:0.8"])
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 from .errors import FormatError, OutputError, PlanError, SdportError, UnknownKeyError, UnsafeFileError
 
 __all__ = ["FormatError", "OutputError", "PlanError", "SdportError", "UnknownKeyError", "UnsafeFileError",
-           "convert", "inspect", "open_tensors"]
+           "convert", "inspect", "merge_loras", "open_tensors"]
 
 
 def inspect(source: Any) -> dict[str, Any]:
@@ -29,6 +30,14 @@ def convert(src: Any, dst: Any, **options: Any) -> Any:
     from .conversion import convert as _convert
 
     return _convert(src, dst, **options)
+
+
+def merge_loras(base: Any, dst: Any, loras: list[str], **options: Any) -> Any:
+    """Merge adapters (``FILE`` or ``FILE:RATIO`` each) into ``base``, written at ``dst`` in any layout.
+
+    The same as ``convert(base, dst, loras=loras, **options)``.
+    """
+    return convert(base, dst, loras=loras, **options)
 
 
 def open_tensors(path: Any, **options: Any) -> Any:

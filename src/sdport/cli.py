@@ -52,21 +52,30 @@ def inspect_cmd(source: str, as_json: bool) -> None:
 @click.option("--components", help="Only these parts, comma-separated: unet,vae,text_encoder,text_encoder_2.")
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]),
               help="What the UNet predicts, where the file cannot tell (SD2-base 512: epsilon).")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:RATIO]",
+              help="Merge this adapter (kohya, diffusers/PEFT, old diffusers); repeat for more.")
+@click.option("--allow-unmatched", is_flag=True, help="Merge what matches when some adapter modules match no weight.")
 @click.option("--allow-unknown", is_flag=True, help="Copy tensors no rule knows instead of refusing.")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @click.option("--report", is_flag=True, help="List every input entry left out, with the reason.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def convert_cmd(src: str, dst: str, to: str | None, dtype: str, fmt: str | None, ema: bool, components: str | None,
-                prediction_type: str | None, allow_unknown: bool, force: bool, report: bool, quiet: bool) -> None:
+                prediction_type: str | None, loras: tuple[str, ...], allow_unmatched: bool, allow_unknown: bool,
+                force: bool, report: bool, quiet: bool) -> None:
     """Convert SRC to DST (another format, layout or dtype), streaming, atomically."""
     from .conversion import convert
 
     result = convert(src, dst, to=to, dtype=dtype, format=fmt, ema=ema, components=components,
-                     prediction_type=prediction_type, allow_unknown=allow_unknown, force=force, progress=not quiet)
+                     prediction_type=prediction_type, loras=loras, allow_unmatched=allow_unmatched,
+                     allow_unknown=allow_unknown, force=force, progress=not quiet)
     if not quiet:
         click.echo(f"wrote {result.output}: {result.tensors} tensors, {result.bytes:,} bytes"
                    + (f", {len(result.dropped)} entries left out" if result.dropped else ""), err=True)
     if report:
+        for adapter in result.adapters:
+            click.echo(f"lora {adapter.line()}")
+            for label in adapter.unmatched:
+                click.echo(f"  unmatched {label}")
         for name, why in result.dropped.items():
             click.echo(f"dropped {name}: {why}")
         for name in result.unknown:

@@ -16,7 +16,8 @@ from .execute import execute
 from .families import FAMILIES
 from .io import open_tensors
 from .io.base import TensorSource
-from .layouts import LayoutRequest, to_diffusers, to_single_file
+from .layouts import LayoutRequest, folder_plan, to_diffusers, to_single_file
+from .lora import AdapterReport, merge_adapters
 from .plan import OutputFile, Plan, derive, validate
 
 CKPT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -34,6 +35,7 @@ class ConvertResult:
     unknown: list[str] = field(default_factory=list)
     family: str = ""
     prediction_type: str = ""
+    adapters: list[AdapterReport] = field(default_factory=list)
 
 
 def _target_format(dst: str, fmt: str | None) -> str:
@@ -74,7 +76,8 @@ def repackage_plan(source: TensorSource, fmt: str, dtype: str | None, root: str)
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = None, dtype: str = "keep",
             format: str | None = None, ema: bool = False, components: str | list[str] | None = None,
-            prediction_type: str | None = None, allow_unknown: bool = False, force: bool = False,
+            prediction_type: str | None = None, loras: list[str] | tuple[str, ...] = (),
+            allow_unmatched: bool = False, allow_unknown: bool = False, force: bool = False,
             progress: bool = False) -> ConvertResult:
     """Convert a model file or folder to another layout, format or dtype.
 
@@ -87,6 +90,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
         ema: take the UNet's EMA copy (original files that carry one).
         components: only these parts (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``), list or comma-separated.
         prediction_type: ``epsilon`` or ``v_prediction``, where the file cannot tell.
+        loras: adapters to merge, each ``FILE`` or ``FILE:RATIO`` (kohya, diffusers/PEFT, old diffusers).
+        allow_unmatched: merge what matches when some adapter modules match no base weight.
         allow_unknown: tensors no rule knows are copied (single file) or left out (diffusers) instead of refused.
         force: replace an existing output.
 
@@ -108,7 +113,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
         elif layout == "single-file" and from_diffusers:
             plan = to_single_file(source, _family(source, found), request)
         elif layout == "diffusers":
-            raise SdportError(src, "already a diffusers folder", "convert it to a single file, or copy the folder")
+            if not loras:
+                raise SdportError(src, "already a diffusers folder", "convert it to a single file, or copy it")
+            plan = folder_plan(source, request.dtype)
         else:
             if ema or components:
                 raise SdportError(src, "--ema and --components need a conversion to or from diffusers",
@@ -116,10 +123,18 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
             root = source.root or ("state_dict" if found.family in FULL_CHECKPOINTS else "")
             plan = repackage_plan(source, request.fmt, request.dtype, root)
         _place_unknown(plan, source, allow_unknown)
-        validate(plan, source, allow_unknown=allow_unknown)
-        execute(plan, source, dst, force=force, progress=progress)
+        merged, reports = source, []
+        if loras:
+            merged, reports = merge_adapters(plan, source, _family(source, found), from_diffusers, list(loras),
+                                             allow_unmatched=allow_unmatched)
+        try:
+            validate(plan, merged, allow_unknown=allow_unknown)
+            execute(plan, merged, dst, force=force, progress=progress)
+        finally:
+            if merged is not source:
+                merged.close()
         return ConvertResult(dst, sum(len(f.tensors) for f in plan.files), plan.nbytes, plan.dropped, plan.unknown,
-                             found.family, request.prediction_type or "")
+                             found.family, request.prediction_type or "", reports)
 
 
 def _family(source: TensorSource, found: Detection) -> str:

@@ -8,6 +8,7 @@ reason, or left unused so that plan validation names it as unknown.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from .errors import SdportError
@@ -64,7 +65,8 @@ def part_links(part: Part, shapes: dict[str, tuple[int, ...]], to_diffusers: boo
     return clip.openclip_to_ldm(names), None
 
 
-def _prefix(source: TensorSource, candidates: tuple[str, ...], probe: str | None) -> str | None:
+def find_prefix(source: TensorSource, candidates: tuple[str, ...], probe: str | None) -> str | None:
+    """The first candidate prefix under which ``probe`` exists (or, without a probe, any tensor does)."""
     for p in candidates:
         if probe is None and any(k.startswith(p) for k in source.tensors) or probe and p + probe in source.tensors:
             return p
@@ -93,7 +95,7 @@ def to_diffusers(source: TensorSource, family_name: str, request: LayoutRequest,
     shapes_by_component, layouts = {}, {}
     has_ema = sum(k.startswith("model_ema.") for k in source.tensors) > 100
     for part in _parts(family, request):
-        prefix = _prefix(source, LDM_PREFIXES.get(part.kind, (part.ldm_prefix,)), PROBES.get(part.kind, (None,))[0])
+        prefix = find_prefix(source, LDM_PREFIXES.get(part.kind, (part.ldm_prefix,)), PROBES.get(part.kind, (None,))[0])
         if prefix is None:
             raise SdportError(source.path, f"no {part.component} weights in this {family.name} file",
                               f"pass --components without {part.component}")
@@ -134,7 +136,7 @@ def to_single_file(source: TensorSource, family_name: str, request: LayoutReques
     for part in _parts(family, request):
         probe = PROBES.get(part.kind, (None, None))[1]
         alone = ("",) if family.name not in PIPELINES else ()  # a component folder's names have no prefix
-        prefix = _prefix(source, (part.component + ".", *alone), probe)
+        prefix = find_prefix(source, (part.component + ".", *alone), probe)
         if prefix is None:
             raise SdportError(source.path, f"no {part.component} weights in this folder",
                               f"pass --components without {part.component}")
@@ -168,6 +170,30 @@ def _check_text_encoder(source: TensorSource, family: Family, part: Part, prefix
         raise SdportError(source.path, f"{prefix}: CLIP-L has {len(layers)} of its {CLIP_L_LAYERS} layers",
                           "SDXL reads the second-to-last layer, so the folder would compute other embeddings; "
                           "not supported")
+
+
+def folder_plan(source: TensorSource, dtype: str | None) -> Plan:
+    """A diffusers folder rewritten as itself (to merge adapters into it): same files, same names, configs copied."""
+    files: dict[str, OutputFile] = {}
+    for name, info in source.tensors.items():
+        relative = os.path.relpath(info.file, source.path)
+        component = os.path.dirname(relative)
+        out = relative[:-len(".bin")] + ".safetensors" if relative.endswith(".bin") else relative
+        inner = name[len(component) + 1:] if component else name
+        files.setdefault(out, OutputFile(out, "safetensors", [], {"format": "pt", **_modelspec(source)}))
+        files[out].tensors.append(derive(inner, dtype, source, (name,)))
+    plan = Plan(files=list(files.values()), dropped={k: f"not a tensor ({v})" for k, v in source.non_tensors.items()})
+    weights = {os.path.realpath(i.file) for i in source.tensors.values()}
+    for folder, _, names in os.walk(source.path):
+        for n in names:
+            full = os.path.join(folder, n)
+            # configs, tokenizers, safetensors shard indexes (a .bin index would name files that are renamed)
+            small = n.endswith((".json", ".txt")) and not n.endswith(".bin.index.json")
+            if small and os.path.getsize(full) < 16 << 20 and os.path.realpath(full) not in weights \
+                    and not os.path.islink(full):
+                with open(full, "rb") as f:
+                    plan.extra[os.path.relpath(full, source.path)] = f.read()
+    return plan
 
 
 def _modelspec(source: TensorSource) -> dict[str, str]:

@@ -1,0 +1,172 @@
+"""Adapter files → canonical ``Module``s: which module of which component, its factor tensors and its alpha.
+
+Formats read: kohya / A1111 (``lora_unet_…``, ``lora_te[12]_…``; ``lora_down``/``lora_up``/``alpha``,
+LoCon on convs, Tucker ``lora_mid``), diffusers / PEFT (``unet.….lora_A.weight``/``lora_B.weight``,
+alphas from ``lora_adapter_metadata`` or per-module ``.alpha``), and the old diffusers
+attention-processor format (``….processor.to_q_lora.down.weight``). Algorithms this version cannot
+merge (LoHa, LoKr, DoRA, (IA)³, OFT, GLoRA, full/diff, norm) are refused by name, never skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from ..errors import FormatError
+from ..io.base import TensorSource
+
+KOHYA_COMPONENTS = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+#: old diffusers attention-processor names → the module they patch (UNet attention, then CLIP attention)
+OLD_UNET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+OLD_TEXT = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+UNSUPPORTED = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "lokr_w1_a": "LoKr", "lokr_w2": "LoKr", "dora_scale": "DoRA",
+               "lora_magnitude_vector": "DoRA", "oft_blocks": "OFT", "on_input": "(IA)³", "a1.weight": "GLoRA",
+               "diff": "full/diff", "diff_b": "full/diff", "w_norm": "norm", "b_norm": "norm"}
+
+_KOHYA = re.compile(r"(lora_(unet|te1|te2|te))_(.+)\.(lora_down\.weight|lora_up\.weight|lora_mid\.weight|alpha)")
+_PEFT = re.compile(r"(?:base_model\.model\.)?(?:(unet|text_encoder_2|text_encoder)\.)?(.+)\.(lora_A|lora_B)\.weight")
+_ALPHA = re.compile(r"(?:(unet|text_encoder_2|text_encoder)\.)?(.+)\.alpha")
+_OLD = re.compile(r"(?:(unet|text_encoder_2|text_encoder)\.)?(.+?)\.(?:processor\.)?(to_q|to_k|to_v|to_out)_lora"
+                  r"\.(up|down)\.weight")
+
+
+@dataclass
+class Module:
+    """One adapted module.
+
+    Attributes:
+        component: ``unet``, ``text_encoder`` or ``text_encoder_2``.
+        name: for ``naming == "kohya"`` the underscored name after the prefix (``down_blocks_0_…_to_q``);
+            for ``"diffusers"`` the dotted module path in diffusers/transformers names.
+        factors: tensor names in the file: up, down[, mid].
+        alpha: the stored alpha; None means alpha = rank (scale 1).
+    """
+
+    component: str
+    name: str
+    naming: str
+    factors: dict[str, str] = field(default_factory=dict)
+    alpha: float | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.component}:{self.name}"
+
+
+@dataclass
+class Adapter:
+    """A parsed adapter file."""
+
+    path: str
+    format: str
+    modules: list[Module]
+    alpha_keys: list[str]  # tensors folded into the scale (read at plan time)
+
+
+def parse(source: TensorSource, alphas: dict[str, float]) -> Adapter:
+    """The modules of an adapter file; ``alphas`` maps its ``.alpha`` tensor names to their values."""
+    names = list(source.tensors)
+    for name in names:
+        leaf = name.rsplit(".", 2)
+        for suffix, algo in UNSUPPORTED.items():
+            if name.endswith("." + suffix) or leaf[-1] == suffix:
+                raise FormatError(source.path, f"uses {algo} (tensor '{name}'), which this version cannot merge",
+                                  "only LoRA, LoCon and Tucker LoRA adapters are merged so far")
+    if any(_KOHYA.fullmatch(n) for n in names):
+        return _kohya(source, names, alphas)
+    if any(_OLD.fullmatch(n) for n in names):
+        return _old_diffusers(source, names)
+    if any(_PEFT.fullmatch(n) for n in names):
+        return _peft(source, names, alphas)
+    raise FormatError(source.path, "not a LoRA adapter sdport recognises",
+                      "kohya (lora_unet_…), diffusers/PEFT (lora_A/lora_B) and old diffusers (…_lora.up) are read")
+
+
+def _kohya(source: TensorSource, names: list[str], alphas: dict[str, float]) -> Adapter:
+    modules: dict[str, Module] = {}
+    alpha_keys = []
+    for name in names:
+        m = _KOHYA.fullmatch(name)
+        if m is None:
+            raise FormatError(source.path, f"tensor '{name}' is not a kohya LoRA tensor", "the file mixes formats")
+        mod = modules.setdefault(m[1] + "_" + m[3], Module(KOHYA_COMPONENTS[m[2]], m[3], "kohya"))
+        if m[4] == "alpha":
+            mod.alpha, _ = alphas[name], alpha_keys.append(name)
+        else:
+            mod.factors[{"lora_up.weight": "up", "lora_down.weight": "down", "lora_mid.weight": "mid"}[m[4]]] = name
+    return Adapter(source.path, "kohya", _complete(source, modules), alpha_keys)
+
+
+def _peft(source: TensorSource, names: list[str], alphas: dict[str, float]) -> Adapter:
+    config = _peft_metadata(source)
+    modules: dict[tuple[str, str], Module] = {}
+    alpha_keys = []
+    for name in names:
+        m = _PEFT.fullmatch(name)
+        if m is not None:
+            component = m[1] or _guess_component(m[2])
+            mod = modules.setdefault((component, m[2]), Module(component, m[2], "diffusers"))
+            mod.factors["up" if m[3] == "lora_B" else "down"] = name
+            continue
+        a = _ALPHA.fullmatch(name)
+        if a is None:
+            raise FormatError(source.path, f"tensor '{name}' is not a PEFT LoRA tensor", "the file mixes formats")
+        alpha_keys.append(name)
+    for (component, path), mod in modules.items():
+        key = f"{component}.{path}.alpha" if f"{component}.{path}.alpha" in alphas else f"{path}.alpha"
+        mod.alpha = alphas.get(key, _metadata_alpha(config.get(component, {}), path))
+    return Adapter(source.path, "peft", _complete(source, modules), alpha_keys)
+
+
+def _old_diffusers(source: TensorSource, names: list[str]) -> Adapter:
+    modules: dict[tuple[str, str], Module] = {}
+    for name in names:
+        m = _OLD.fullmatch(name)
+        if m is None:
+            raise FormatError(source.path, f"tensor '{name}' is not an attention-processor LoRA tensor",
+                              "the file mixes formats")
+        component = m[1] or _guess_component(m[2])
+        leaf = (OLD_UNET if component == "unet" else OLD_TEXT)[m[3]]
+        path = f"{m[2]}.{leaf}"
+        mod = modules.setdefault((component, path), Module(component, path, "diffusers"))
+        mod.factors[m[4]] = name
+    return Adapter(source.path, "diffusers-old", _complete(source, modules), [])
+
+
+def _guess_component(path: str) -> str:
+    return "text_encoder" if path.startswith("text_model.") else "unet"
+
+
+def _complete(source: TensorSource, modules: dict) -> list[Module]:
+    for mod in modules.values():
+        if "up" not in mod.factors or "down" not in mod.factors:
+            raise FormatError(source.path, f"module '{mod.name}' lacks its up or down factor", "the file is damaged")
+    return list(modules.values())
+
+
+def _peft_metadata(source: TensorSource) -> dict[str, dict]:
+    """Per-component LoraConfig (``r``, ``lora_alpha``, ``alpha_pattern``) from diffusers' metadata, if any."""
+    raw = source.metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise FormatError(source.path, "lora_adapter_metadata is not JSON", None) from None
+    if not isinstance(doc, dict):
+        return {}
+    if "lora_alpha" in doc or "r" in doc:  # one config for the whole file
+        return dict.fromkeys(COMPONENTS, doc)
+    return {k.split(".")[0]: v for k, v in doc.items() if isinstance(v, dict)}
+
+
+def _metadata_alpha(config: dict, path: str) -> float | None:
+    pattern = config.get("alpha_pattern") or {}
+    for key, value in pattern.items():
+        if path == key or path.endswith("." + key):
+            return float(value)
+    if "lora_alpha" in config:
+        return float(config["lora_alpha"])
+    return None

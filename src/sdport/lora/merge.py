@@ -1,0 +1,146 @@
+"""Merging adapters into a conversion plan: each module becomes a ``Patch`` on the base tensor it updates.
+
+The adapters' tensors join the base's in one ``TensorSource`` (named ``lora<i>:<key>``), so the
+plan streams them like any input: a patched output reads its base tensor and its factors, adds
+``Σ ratio · alpha/rank · up @ down`` in fp32, then the usual op and one cast. Every module must
+land on a base weight with a matching shape; anything else is an error naming the modules, unless
+the user allows unmatched ones.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field, replace
+
+from ..errors import SdportError
+from ..io import open_tensors
+from ..io.base import TensorSource
+from ..plan import Patch, Plan
+from .formats import Adapter, Module, parse
+from .resolve import Target, build_index
+
+
+@dataclass
+class AdapterReport:
+    """What one adapter did: modules applied by component and kind, and those that found no target."""
+
+    path: str
+    format: str
+    ratio: float
+    applied: Counter = field(default_factory=Counter)  # (component, kind) → count
+    unmatched: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        parts = ", ".join(f"{comp} {kind} {n}" for (comp, kind), n in sorted(self.applied.items()))
+        return (f"{self.path} ({self.format}, ratio {self.ratio:g}): {sum(self.applied.values())} modules applied"
+                + (f" ({parts})" if parts else "") + (f", {len(self.unmatched)} unmatched" if self.unmatched else ""))
+
+
+def parse_spec(spec: str) -> tuple[str, float]:
+    """``FILE[:RATIO]`` → (file, ratio); the ratio defaults to 1."""
+    path, sep, ratio = spec.rpartition(":")
+    if sep and path and not os.path.exists(spec):
+        try:
+            return path, float(ratio)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def merge_adapters(plan: Plan, base: TensorSource, family: str, diffusers_layout: bool, specs: list[str], *,
+                   allow_unmatched: bool = False) -> tuple[TensorSource, list[AdapterReport]]:
+    """Attach every adapter in ``specs`` to ``plan`` as patches; returns the combined source to execute with."""
+    index = build_index(base, family, diffusers_layout)
+    combined = TensorSource(base.path, base.format, dict(base.tensors), dict(base.metadata), dict(base.non_tensors),
+                            base.root)
+    patches: dict[str, list[Patch]] = {}
+    reports = []
+    for i, spec in enumerate(specs):
+        path, ratio = parse_spec(spec)
+        with open_tensors(path) as source:
+            adapter = parse(source, _alphas(source))
+            names = {k: f"lora{i}:{k}" for k in source.tensors}
+            combined.tensors.update({names[k]: replace(v, name=names[k]) for k, v in source.tensors.items()})
+            plan.dropped.update({names[k]: "alpha, folded into the merge scale" for k in adapter.alpha_keys})
+            report = AdapterReport(path, adapter.format, ratio)
+            for module in adapter.modules:
+                target = index.get(f"{module.component}:{module.name}")
+                if target is None:
+                    report.unmatched.append(module.label)
+                    plan.dropped.update({names[f]: "unmatched LoRA module (--allow-unmatched)"
+                                         for f in module.factors.values()})
+                    continue
+                patch = _patch(source, adapter, module, target, names, ratio)
+                patches.setdefault(target.tensor, []).append(patch)
+                report.applied[(module.component, _kind(source, module))] += 1
+            _check_matches(adapter, report, family, allow_unmatched)
+            reports.append(report)
+    _attach(plan, patches)
+    return combined, reports
+
+
+def _alphas(source: TensorSource) -> dict[str, float]:
+    """The value of every 0-d ``alpha`` tensor (read now: the scale is part of the plan)."""
+    out = {}
+    for name, info in source.tensors.items():
+        if name.endswith(".alpha"):
+            if info.numel != 1:
+                raise SdportError(source.path, f"'{name}' is not a single number", "the adapter is damaged")
+            value = float(source.read(name).reshape(-1)[0])
+            if not value == value or value in (float("inf"), float("-inf")) or value < 0:
+                raise SdportError(source.path, f"'{name}' is {value}", "alpha must be a finite number ≥ 0")
+            out[name] = value
+    return out
+
+
+def _patch(source: TensorSource, adapter: Adapter, module: Module, target: Target, names: dict[str, str],
+           ratio: float) -> Patch:
+    order = ("up", "down", "mid") if "mid" in module.factors else ("up", "down")
+    shapes = [source.tensors[module.factors[k]].shape for k in order]
+    rank = shapes[1][0]
+    alpha = module.alpha if module.alpha else rank  # missing or 0: alpha = rank, as kohya and LyCORIS read it
+    kernel = math.prod(shapes[2][2:]) if len(shapes) == 3 else 1
+    numel = shapes[0][0] * math.prod(shapes[1][1:]) * kernel
+    block = math.prod(target.shape) // (target.rows[1] if target.rows else 1)
+    if numel != block or shapes[0][1] != (shapes[2][0] if len(shapes) == 3 else rank):
+        raise SdportError(adapter.path, f"module '{module.label}' ({[list(s) for s in shapes]}) does not fit "
+                          f"'{target.tensor}' {list(target.shape)}",
+                          "the LoRA was made for another model (family or size)")
+    return Patch(target.tensor, tuple(names[module.factors[k]] for k in order), ratio * alpha / rank, target.rows)
+
+
+def _kind(source: TensorSource, module: Module) -> str:
+    if "mid" in module.factors:
+        return "tucker"
+    return "locon" if len(source.tensors[module.factors["down"]].shape) == 4 and \
+        source.tensors[module.factors["down"]].shape[2:] != (1, 1) else "lora"
+
+
+def _check_matches(adapter: Adapter, report: AdapterReport, family: str, allow_unmatched: bool) -> None:
+    if report.unmatched and not report.applied:
+        hint = "it is an SDXL adapter" if any(m.component == "text_encoder_2" or "input_blocks_7" in m.name
+                                               for m in adapter.modules) else "it was made for another model"
+        raise SdportError(adapter.path, f"none of its {len(adapter.modules)} modules matches this {family} model",
+                          f"{hint}; use a base of the family it was trained on")
+    if report.unmatched and not allow_unmatched:
+        shown = ", ".join(report.unmatched[:5]) + (f" and {len(report.unmatched) - 5} more"
+                                                   if len(report.unmatched) > 5 else "")
+        raise SdportError(adapter.path, f"{len(report.unmatched)} module(s) match no weight of the base: {shown}",
+                          "pass --allow-unmatched to merge the rest")
+
+
+def _attach(plan: Plan, patches: dict[str, list[Patch]]) -> None:
+    """Give every output the patches of its inputs; an update whose base tensor is not written is an error."""
+    placed = set()
+    for out in plan.files:
+        for k, t in enumerate(out.tensors):
+            mine = tuple(p for i in t.inputs for p in patches.get(i, ()))
+            if mine:
+                out.tensors[k] = replace(t, patches=mine)
+                placed.update(t.inputs)
+    missing = [name for name in patches if name not in placed]
+    if missing:
+        raise SdportError(None, f"LoRA updates {missing[:3]} target weights this conversion does not write",
+                          "include their component in --components")

@@ -1,0 +1,97 @@
+"""Where each adapter module lands in a base model: built from the base's own names, never by string surgery.
+
+For every weight of every component of the base, the family's name tables give both its diffusers
+name and its original (LDM/SGM) name, so one index answers every naming an adapter may use:
+diffusers/PEFT paths, kohya names derived from diffusers modules (SD1/SD2) or from SGM modules
+(SDXL), and text-encoder paths in transformers' names. A target is the base tensor to update and,
+for OpenCLIP's fused ``in_proj``, which third of its rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..families import FAMILIES, PIPELINES, Family, Part
+from ..io.base import TensorSource
+from ..layouts import LDM_PREFIXES, PROBES, find_prefix, part_links
+
+
+@dataclass(frozen=True)
+class Target:
+    """The base tensor a module updates, its shape, and the row block (k of n) when it is part of a fused tensor."""
+
+    tensor: str
+    shape: tuple[int, ...]
+    rows: tuple[int, int] | None = None
+
+
+def _hub(name: str) -> str:
+    """A text-encoder name in the Hub's ``text_model.`` convention (transformers >= 5.6 saves it flat)."""
+    return name if name.startswith(("text_model.", "text_projection")) else "text_model." + name
+
+
+def _kohya_names(part: Part, diffusers_module: str, ldm_module: str | None) -> list[str]:
+    flat = diffusers_module.replace(".", "_")
+    if part.kind == "unet":
+        names = [f"unet:{flat}"]
+        if ldm_module:
+            names.append("unet:" + ldm_module.replace(".", "_"))
+        return names
+    return [f"{part.component}:{flat}"]
+
+
+def build_index(source: TensorSource, family_name: str, diffusers_layout: bool) -> dict[str, Target]:
+    """Every way an adapter can name a base weight → where that weight is.
+
+    Keys are ``component:path`` — ``path`` a dotted diffusers module path or an underscored kohya name.
+    """
+    family = FAMILIES[family_name]
+    index: dict[str, Target] = {}
+    for part in family.parts:
+        if part.kind not in ("unet", "clip-l", "openclip"):
+            continue
+        prefix = _prefix(source, family, part, diffusers_layout)
+        if prefix is None:
+            continue
+        shapes = {k[len(prefix):]: i.shape for k, i in source.tensors.items() if k.startswith(prefix)}
+        links, _ = part_links(part, shapes, not diffusers_layout)
+        for link in links.links:
+            if not link.out.endswith(".weight") and not link.inputs[0].endswith(".weight"):
+                continue
+            if diffusers_layout:  # link: diffusers inputs → original name
+                if len(link.inputs) != 1:  # q, k, v fused into in_proj in the original layout: each is its own tensor
+                    for name in link.inputs:
+                        _add(index, part, _hub(name) if part.kind != "unet" else name, None, prefix + name,
+                             shapes[name], None)
+                    continue
+                diffusers_name, ldm_name, rows = link.inputs[0], link.out, None
+                tensor, shape = prefix + diffusers_name, shapes[diffusers_name]
+            else:  # link: original input → diffusers name
+                diffusers_name, ldm_name = link.out, link.inputs[0]
+                if link.op == "transpose":
+                    continue  # text_projection, stored transposed: not a LoRA target here
+                rows = (link.args[1], link.args[2]) if link.op == "split" else None
+                tensor, shape = prefix + ldm_name, shapes[ldm_name]
+            if part.kind != "unet":
+                diffusers_name = _hub(diffusers_name)
+            _add(index, part, diffusers_name, ldm_name, tensor, shape, rows)
+    return index
+
+
+def _add(index: dict[str, Target], part: Part, diffusers_name: str, ldm_name: str | None, tensor: str,
+         shape: tuple[int, ...], rows: tuple[int, int] | None) -> None:
+    if not diffusers_name.endswith(".weight"):
+        return
+    module = diffusers_name[: -len(".weight")]
+    ldm_module = ldm_name[: -len(".weight")] if ldm_name and ldm_name.endswith(".weight") else None
+    target = Target(tensor, shape, rows)
+    index[f"{part.component}:{module}"] = target
+    for name in _kohya_names(part, module, ldm_module):
+        index.setdefault(name, target)
+
+
+def _prefix(source: TensorSource, family: Family, part: Part, diffusers_layout: bool) -> str | None:
+    if diffusers_layout:
+        alone = ("",) if family.name not in PIPELINES else ()
+        return find_prefix(source, (part.component + ".", *alone), PROBES.get(part.kind, (None, None))[1])
+    return find_prefix(source, LDM_PREFIXES.get(part.kind, (part.ldm_prefix,)), PROBES.get(part.kind, (None,))[0])

@@ -1,0 +1,230 @@
+"""Merging LoRA adapters into a base, in any layout: against diffusers' own ``load_lora_weights`` + ``fuse_lora``.
+
+Adapters are generated here with random factors on the real module names of each tiny pipeline
+(tests/models.py). Where diffusers applies a module, sdport's merged weights must equal diffusers'
+fused ones bit for bit; where it does not (this diffusers drops kohya text-encoder attention keys
+for transformers 5's CLIP), the reference is kohya's formula ``W + ratio · alpha/rank · up @ down``
+computed here with torch. The same adapter merged into the original single file must give the
+same weights as merged into the folder.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import safetensors.torch
+import torch
+from conftest import leftovers, run_cli, sha256
+
+import sdport
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+import models  # noqa: E402
+
+warnings.filterwarnings("ignore")
+PIPES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline", "sdxl-base": "StableDiffusionXLPipeline"}
+UNET_TARGETS = ("attn1.to_q", "attn2.to_k", "to_out.0", "proj_in", "ff.net.2", "resnets.0.conv1")
+TEXT_TARGETS = ("q_proj", "v_proj", "fc1")
+
+
+def _factors(w: torch.Tensor, rank: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    if w.ndim == 4:  # LoCon: 3×3 (or 1×1) down, 1×1 up
+        return (torch.randn(w.shape[0], rank, 1, 1, generator=g) * 0.1,
+                torch.randn(rank, *w.shape[1:], generator=g) * 0.1)
+    return torch.randn(w.shape[0], rank, generator=g) * 0.1, torch.randn(rank, w.shape[1], generator=g) * 0.1
+
+
+def make_lora(pipe, *, sgm_names: dict[str, str] | None = None, seed: int = 0) -> dict[str, dict]:
+    """module → {component, path, up, down, alpha} for the UNet and first text encoder of ``pipe``."""
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    for comp, targets, rank, alpha in (("unet", UNET_TARGETS, 4, 2.0), ("text_encoder", TEXT_TARGETS, 2, 1.0),
+                                       ("text_encoder_2", TEXT_TARGETS, 3, 6.0)):
+        if getattr(pipe, comp, None) is None:
+            continue
+        for k, w in getattr(pipe, comp).state_dict().items():
+            if k.endswith(".weight") and any(t in k for t in targets) and w.ndim in (2, 4):
+                path = k[:-len(".weight")]
+                if comp != "unet" and not path.startswith("text_model."):
+                    path = "text_model." + path
+                up, down = _factors(w, rank, g)
+                modules[f"{comp}.{path}"] = dict(component=comp, path=path, up=up, down=down, alpha=alpha,
+                                                 sgm=(sgm_names or {}).get(path))
+    return modules
+
+
+def kohya_file(modules: dict, path: str, *, te_prefix: str = "lora_te", sgm: bool = False) -> str:
+    sd = {}
+    for m in modules.values():
+        prefix = {"unet": "lora_unet", "text_encoder": te_prefix, "text_encoder_2": "lora_te2"}[m["component"]]
+        name = f"{prefix}_{(m['sgm'] if sgm and m['sgm'] else m['path']).replace('.', '_')}"
+        sd.update({f"{name}.lora_up.weight": m["up"], f"{name}.lora_down.weight": m["down"],
+                   f"{name}.alpha": torch.tensor(m["alpha"])})
+    safetensors.torch.save_file(sd, path)
+    return path
+
+
+def peft_file(modules: dict, path: str) -> str:
+    """diffusers' current format: lora_A/lora_B under unet./text_encoder., alphas as per-module .alpha tensors."""
+    sd = {}
+    for m in modules.values():
+        name = f"{m['component']}.{m['path']}"
+        sd.update({f"{name}.lora_B.weight": m["up"], f"{name}.lora_A.weight": m["down"],
+                   f"{name}.alpha": torch.tensor(m["alpha"])})
+    safetensors.torch.save_file(sd, path)
+    return path
+
+
+def expected(w: torch.Tensor, m: dict, ratio: float) -> torch.Tensor:
+    """kohya's merge: W + ratio · alpha/rank · up @ down, in fp32 (convs by flattening, as A1111 and ComfyUI do)."""
+    up, down = m["up"].flatten(1), m["down"].flatten(1)
+    return (w.float() + ratio * m["alpha"] / down.shape[0] * (up @ down).reshape(w.shape)).to(w.dtype)
+
+
+@pytest.fixture(scope="module", params=list(PIPES))
+def setup(request, tmp_path_factory) -> dict:
+    name = request.param
+    root = tmp_path_factory.mktemp("lora-" + name)
+    ref = models.save_pipeline(name, str(root / "ref"))
+    cls = getattr(diffusers, PIPES[name])
+    pipe = cls.from_pretrained(ref)
+    modules = make_lora(pipe)
+    te = "lora_te1" if name == "sdxl-base" else "lora_te"
+    lora = kohya_file(modules, str(root / "kohya.safetensors"), te_prefix=te)
+    merged = str(root / "merged")
+    r = run_cli("convert", ref, merged, "--lora", f"{lora}:0.7", "--report")
+    assert r.code == 0, r.err
+    return {"name": name, "root": root, "ref": ref, "cls": cls, "pipe": pipe, "modules": modules, "lora": lora,
+            "merged": merged, "report": r.out}
+
+
+def test_unet_merge_equals_diffusers_fuse_lora_bit_for_bit(setup) -> None:
+    oracle = setup["cls"].from_pretrained(setup["ref"])
+    oracle.load_lora_weights(setup["lora"])
+    oracle.fuse_lora(lora_scale=0.7)
+    oracle.unload_lora_weights()
+    ours = setup["cls"].from_pretrained(setup["merged"])
+    a, b, base = oracle.unet.state_dict(), ours.unet.state_dict(), setup["pipe"].unet.state_dict()
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    changed = [k for k in a if not torch.equal(b[k], base[k])]
+    assert len(changed) == sum(m["component"] == "unet" for m in setup["modules"].values()) > 20
+
+
+def test_every_module_equals_kohyas_formula(setup) -> None:
+    ours = setup["cls"].from_pretrained(setup["merged"])
+    for m in setup["modules"].values():
+        model = getattr(ours, m["component"])
+        key = m["path"] + ".weight"
+        state, base = model.state_dict(), getattr(setup["pipe"], m["component"]).state_dict()
+        key = key if key in state else key.removeprefix("text_model.")
+        assert torch.equal(state[key], expected(base[key], m, 0.7)), key
+
+
+def test_report_counts_modules_by_component_and_kind(setup) -> None:
+    n_te = sum(m["component"] == "text_encoder" for m in setup["modules"].values())
+    line = next(x for x in setup["report"].splitlines() if x.startswith("lora "))
+    assert f"{len(setup['modules'])} modules applied" in line and f"text_encoder lora {n_te}," in line
+    assert "unet locon" in line and "unet lora" in line
+
+
+def test_same_adapter_into_the_original_layout_gives_the_same_weights(setup) -> None:
+    root = setup["root"]
+    assert run_cli("convert", setup["ref"], root / "single.safetensors").code == 0
+    r = run_cli("convert", root / "single.safetensors", root / "merged.safetensors", "--lora", f"{setup['lora']}:0.7")
+    assert r.code == 0, r.err
+    assert run_cli("convert", root / "merged.safetensors", root / "back").code == 0
+    for comp, stem in (("unet", "diffusion_pytorch_model"), ("text_encoder", "model"), ("text_encoder_2", "model")):
+        if not os.path.isdir(os.path.join(setup["merged"], comp)):
+            continue
+        a = safetensors.torch.load_file(os.path.join(setup["merged"], comp, f"{stem}.safetensors"))
+        b = safetensors.torch.load_file(str(root / "back" / comp / f"{stem}.safetensors"))
+        if comp != "unet":
+            a = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v for k, v in a.items()}
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), comp
+
+
+def test_peft_format_merges_like_the_same_factors_in_kohya_format(setup, tmp_path) -> None:
+    lora = peft_file(setup["modules"], str(tmp_path / "peft.safetensors"))
+    assert sdport.inspect(lora)["adapter_format"] == "peft"
+    assert run_cli("convert", setup["ref"], tmp_path / "m", "--lora", f"{lora}:0.7").code == 0
+    for comp, stem in (("unet", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        a = safetensors.torch.load_file(os.path.join(setup["merged"], comp, f"{stem}.safetensors"))
+        b = safetensors.torch.load_file(str(tmp_path / "m" / comp / f"{stem}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), comp
+
+
+def test_several_adapters_add_with_their_ratios(setup, tmp_path) -> None:
+    second = make_lora(setup["pipe"], seed=5)
+    lora2 = kohya_file(second, str(tmp_path / "b.safetensors"),
+                       te_prefix="lora_te1" if setup["name"] == "sdxl-base" else "lora_te")
+    r = run_cli("convert", setup["ref"], tmp_path / "m", "--lora", f"{setup['lora']}:0.5", "--lora", f"{lora2}:-0.25")
+    assert r.code == 0, r.err
+    unet = safetensors.torch.load_file(str(tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors"))
+    base = setup["pipe"].unet.state_dict()
+    for key, m in setup["modules"].items():
+        if m["component"] == "unet":
+            w = m["path"] + ".weight"
+            m2 = second[key]
+            up, down = m["up"].flatten(1), m["down"].flatten(1)
+            up2, down2 = m2["up"].flatten(1), m2["down"].flatten(1)
+            want = (base[w].float() + 0.5 * 0.5 * (up @ down).reshape(base[w].shape)
+                    - 0.25 * 0.5 * (up2 @ down2).reshape(base[w].shape))
+            torch.testing.assert_close(unet[w], want, rtol=1e-6, atol=1e-6)
+
+
+def test_sdxl_kohya_names_from_sgm_modules_merge_the_same(setup, tmp_path) -> None:
+    if setup["name"] != "sdxl-base":
+        pytest.skip("kohya names SDXL UNet modules after the SGM layout")
+    from sdport.families.unet import layout_from_diffusers, name_map
+
+    table = name_map(layout_from_diffusers(setup["pipe"].unet.state_dict()))
+    sgm = {m["path"]: table.to_ldm(m["path"] + ".weight")[0][:-len(".weight")]
+           for m in setup["modules"].values() if m["component"] == "unet"}
+    modules = {k: {**m, "sgm": sgm.get(m["path"])} for k, m in setup["modules"].items()}
+    lora = kohya_file(modules, str(tmp_path / "sgm.safetensors"), te_prefix="lora_te1", sgm=True)
+    with safetensors.safe_open(lora, "np") as f:
+        assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_") for k in f.keys())
+    assert run_cli("convert", setup["ref"], tmp_path / "m", "--lora", f"{lora}:0.7").code == 0
+    for comp, stem in (("unet", "diffusion_pytorch_model"), ("text_encoder_2", "model")):
+        a = safetensors.torch.load_file(os.path.join(setup["merged"], comp, f"{stem}.safetensors"))
+        b = safetensors.torch.load_file(str(tmp_path / "m" / comp / f"{stem}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), comp
+
+
+def _refused(r, src: str, words: str, out) -> None:
+    assert r.code == 2 and words in r.err and src in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    assert not os.path.exists(out) and leftovers(os.path.dirname(out)) == []
+
+
+def test_bad_adapters_are_refused_with_one_line_and_nothing_written(setup, tmp_path) -> None:
+    sd = safetensors.torch.load_file(setup["lora"])
+    before = sha256(setup["lora"])
+    out = str(tmp_path / "out")
+    # an SDXL adapter on another family, or anything on names the base does not have
+    alien = {k.replace("lora_unet_", "lora_unet_zz_").replace("lora_te", "lora_te2_zz"): v for k, v in sd.items()}
+    safetensors.torch.save_file(alien, str(tmp_path / "alien.safetensors"))
+    _refused(run_cli("convert", setup["ref"], out, "--lora", tmp_path / "alien.safetensors"),
+             str(tmp_path / "alien.safetensors"), "modules matches this", out)
+    # a few unknown modules: refused by name, merged with --allow-unmatched
+    extra = dict(sd)
+    extra.update({"lora_unet_nowhere.lora_up.weight": torch.zeros(4, 2), "lora_unet_nowhere.lora_down.weight":
+                  torch.zeros(2, 4)})
+    safetensors.torch.save_file(extra, str(tmp_path / "extra.safetensors"))
+    _refused(run_cli("convert", setup["ref"], out, "--lora", tmp_path / "extra.safetensors"),
+             str(tmp_path / "extra.safetensors"), "unet:nowhere", out)
+    r = run_cli("convert", setup["ref"], out, "--lora", tmp_path / "extra.safetensors", "--allow-unmatched", "--report")
+    assert r.code == 0 and "1 unmatched" in r.out and "unmatched unet:nowhere" in r.out
+    # a factor of the wrong size, a LoHa module, a NaN alpha
+    up = next(k for k in sd if k.endswith("lora_up.weight") and sd[k].ndim == 2)
+    cases = {"wrong.safetensors": ({**sd, up: torch.zeros(sd[up].shape[0] + 1, sd[up].shape[1])}, "does not fit"),
+             "loha.safetensors": ({**sd, "lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, "LoHa"),
+             "nan.safetensors": ({**sd, up.replace("lora_up.weight", "alpha"): torch.tensor(float("nan"))}, "nan")}
+    for name, (state, words) in cases.items():
+        safetensors.torch.save_file(state, str(tmp_path / name))
+        _refused(run_cli("convert", setup["ref"], tmp_path / "x", "--lora", tmp_path / name), str(tmp_path / name),
+                 words, str(tmp_path / "x"))
+    assert sha256(setup["lora"]) == before
