@@ -228,3 +228,50 @@ def test_bad_adapters_are_refused_with_one_line_and_nothing_written(setup, tmp_p
         _refused(run_cli("convert", setup["ref"], tmp_path / "x", "--lora", tmp_path / name), str(tmp_path / name),
                  words, str(tmp_path / "x"))
     assert sha256(setup["lora"]) == before
+
+
+def test_old_diffusers_format_and_peft_metadata_alphas_merge_like_kohya(setup, tmp_path) -> None:
+    import json
+
+    old, peft = {}, {}
+    chosen = {}
+    for key, m in setup["modules"].items():
+        leaf = m["path"].rsplit(".", 1)[-1] if not m["path"].endswith("to_out.0") else "to_out"
+        if m["component"] == "unet" and leaf in ("to_q", "to_k", "to_v", "to_out") and m["up"].ndim == 2:
+            head = m["path"].removesuffix(".0").rsplit(".", 1)[0]
+            old.update({f"unet.{head}.processor.{leaf}_lora.up.weight": m["up"] * m["alpha"] / m["down"].shape[0],
+                        f"unet.{head}.processor.{leaf}_lora.down.weight": m["down"]})
+            chosen[key] = m
+        if m["component"] == "unet":
+            peft.update({f"unet.{m['path']}.lora_B.weight": m["up"], f"unet.{m['path']}.lora_A.weight": m["down"]})
+    safetensors.torch.save_file(old, str(tmp_path / "old.safetensors"))
+    meta = {"lora_adapter_metadata": json.dumps({"unet": {"r": 4, "lora_alpha": 2.0}})}
+    safetensors.torch.save_file(peft, str(tmp_path / "peft.safetensors"), metadata=meta)
+    assert sdport.inspect(str(tmp_path / "old.safetensors"))["adapter_format"] == "diffusers-old"
+    for name, modules in (("old", chosen), ("peft", {k: m for k, m in setup["modules"].items()
+                                                    if m["component"] == "unet"})):
+        r = run_cli("convert", setup["ref"], tmp_path / name, "--lora", f"{tmp_path / name}.safetensors:0.7")
+        assert r.code == 0, r.err
+        unet = safetensors.torch.load_file(str(tmp_path / name / "unet" / "diffusion_pytorch_model.safetensors"))
+        base = setup["pipe"].unet.state_dict()
+        for m in modules.values():
+            torch.testing.assert_close(unet[m["path"] + ".weight"], expected(base[m["path"] + ".weight"], m, 0.7),
+                                       rtol=1e-6, atol=1e-7)
+
+
+def test_tucker_locon_module_equals_the_einsum_around_its_core(setup, tmp_path) -> None:
+    base = setup["pipe"].unet.state_dict()
+    key = next(k for k in base if k.endswith("resnets.0.conv1.weight"))
+    w = base[key]
+    g = torch.Generator().manual_seed(3)
+    up, down, mid = (torch.randn(w.shape[0], 4, 1, 1, generator=g), torch.randn(4, w.shape[1], 1, 1, generator=g),
+                     torch.randn(4, 4, 3, 3, generator=g))
+    name = "lora_unet_" + key[:-len(".weight")].replace(".", "_")
+    safetensors.torch.save_file({f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down,
+                                 f"{name}.lora_mid.weight": mid, f"{name}.alpha": torch.tensor(2.0)},
+                                str(tmp_path / "tucker.safetensors"))
+    r = run_cli("convert", setup["ref"], tmp_path / "m", "--lora", f"{tmp_path / 'tucker.safetensors'}:0.5", "--report")
+    assert r.code == 0 and "unet tucker 1" in r.out, r.err
+    got = safetensors.torch.load_file(str(tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors"))[key]
+    want = w + 0.5 * 2 / 4 * torch.einsum("mnkl,im,nj->ijkl", mid, up[:, :, 0, 0], down[:, :, 0, 0])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
