@@ -70,6 +70,27 @@ def layouts(data: str, out: str, tools: str) -> list[tuple[str, str, list[str], 
     return ops
 
 
+def lora(data: str, out: str, tools: str) -> list[tuple[str, str, list[str], str]]:
+    """Merging a rank-32 kohya LoRA (../shared/anchor-bench/make_lora.py) into SD1.5 and SDXL, beside diffusers."""
+    ops_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "anchor-bench", "ops.py")
+    o = lambda name: os.path.join(out, name)  # noqa: E731
+    ops = []
+    for model in ("sd15", "sdxl"):
+        st, d = os.path.join(data, f"{model}.safetensors"), os.path.join(data, f"{model}-diffusers")
+        adapter = os.path.join(data, f"lora-{model}-r32.safetensors")
+        xl = ["--sdxl"] if model == "sdxl" else []
+        ops += [
+            (f"{model} cp+sync file", "", _cp(st, o("cp.st")), o("cp.st")),
+            (f"{model} sdport merge into file", f"{model} cp+sync file",
+             SDPORT + ["convert", st, o("m.safetensors"), "--lora", adapter, "-q"], o("m.safetensors")),
+            (f"{model} sdport merge into folder", f"{model} cp+sync file",
+             SDPORT + ["convert", d, o("md"), "--lora", adapter, "-q"], o("md")),
+            (f"{model} diffusers load_lora_weights+fuse_lora+save_pretrained", f"{model} cp+sync file",
+             [PY, ops_py, "lora_fuse", d, adapter, o("f")] + xl, o("f")),
+        ]
+    return ops
+
+
 def repackage(data: str, out: str, tools: str) -> list[tuple[str, str, list[str], str]]:
     """(name, floor name, command, output path): each op is compared with the cp of its input."""
     st, ck = os.path.join(data, "sd15-fp32.safetensors"), os.path.join(data, "sd15-fp32.ckpt")
@@ -94,7 +115,9 @@ def repackage(data: str, out: str, tools: str) -> list[tuple[str, str, list[str]
 
 
 SUITES = {"repackage": (repackage, ("sd15-fp32.safetensors", "sd15-fp32.ckpt")),
-          "layouts": (layouts, ("sd15-ema.safetensors", "sdxl.safetensors", "sd15-diffusers", "sdxl-diffusers"))}
+          "layouts": (layouts, ("sd15-ema.safetensors", "sdxl.safetensors", "sd15-diffusers", "sdxl-diffusers")),
+          "lora": (lora, ("sd15.safetensors", "sdxl.safetensors", "sd15-diffusers", "sdxl-diffusers",
+                          "lora-sd15-r32.safetensors", "lora-sdxl-r32.safetensors"))}
 
 
 def timed(cmd: list[str]) -> tuple[float, float, int]:

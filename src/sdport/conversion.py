@@ -13,7 +13,7 @@ from .detect import Detection, detect, prediction_type
 from .dtypes import USER_NAMES
 from .errors import SdportError
 from .execute import execute
-from .families import FAMILIES
+from .families import FAMILIES, PIPELINES
 from .io import open_tensors
 from .io.base import TensorSource
 from .layouts import LayoutRequest, folder_plan, to_diffusers, to_single_file
@@ -21,7 +21,6 @@ from .lora import AdapterReport, merge_adapters
 from .plan import OutputFile, Plan, derive, validate
 
 CKPT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-FULL_CHECKPOINTS = ("sd1", "sd2", "sdxl-base", "sdxl-refiner")
 
 
 @dataclass
@@ -120,7 +119,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
             if ema or components:
                 raise SdportError(src, "--ema and --components need a conversion to or from diffusers",
                                   "add --to diffusers")
-            root = source.root or ("state_dict" if found.family in FULL_CHECKPOINTS else "")
+            root = source.root or ("state_dict" if found.family in PIPELINES else "")
             plan = repackage_plan(source, request.fmt, request.dtype, root)
         _place_unknown(plan, source, allow_unknown)
         merged, reports = source, []

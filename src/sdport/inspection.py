@@ -7,6 +7,7 @@ from collections import Counter
 from typing import Any
 
 from .detect import Detection, detect, prediction_type
+from .families import PIPELINES
 from .io import open_tensors
 
 
@@ -51,7 +52,7 @@ def inspect(source: str | os.PathLike) -> dict[str, Any]:
 
 def _prediction(found: Detection) -> dict[str, str]:
     """What a denoiser predicts and how that was decided; empty for models without a UNet."""
-    if found.family not in ("sd1", "sd2", "sdxl-base", "sdxl-refiner", "unet"):
+    if found.family not in (*PIPELINES, "unet"):
         return {}
     value, reason = prediction_type(found)
     return {"prediction_type": value, "prediction_reason": reason}
