@@ -85,12 +85,17 @@ def test_inpainting_model_gets_the_inpainting_pipeline(tmp_path) -> None:
     _equal(pipe.unet.state_dict(), diffusers.UNet2DConditionModel.from_pretrained(ref, subfolder="unet").state_dict())
 
 
+def _single_file(tmp_path_factory, family: str) -> str:
+    """A tiny pipeline of ``family``, written by diffusers, as sdport's original-layout single file."""
+    root = tmp_path_factory.mktemp(family)
+    models.save_pipeline(family, str(root / "ref"))
+    assert run_cli("convert", root / "ref", root / "model.safetensors").code == 0
+    return str(root / "model.safetensors")
+
+
 @pytest.fixture(scope="module")
 def sd1_single(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("sd1")
-    models.save_pipeline("sd1", str(root / "ref"))
-    assert run_cli("convert", root / "ref", root / "sd1.safetensors").code == 0
-    return str(root / "sd1.safetensors")
+    return _single_file(tmp_path_factory, "sd1")
 
 
 def test_ema_weights_are_taken_only_with_ema(sd1_single, tmp_path) -> None:
@@ -248,10 +253,7 @@ def test_a_folder_output_appears_whole_or_not_at_all(sd1_single, tmp_path, monke
 
 @pytest.fixture(scope="module")
 def sdxl_single(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("sdxl")
-    models.save_pipeline("sdxl-base", str(root / "ref"))
-    assert run_cli("convert", root / "ref", root / "sdxl.safetensors").code == 0
-    return str(root / "sdxl.safetensors")
+    return _single_file(tmp_path_factory, "sdxl-base")
 
 
 @pytest.mark.parametrize("cut,words", [("conditioner.embedders.1.model.text_projection", "text_projection is missing"),

@@ -204,11 +204,22 @@ def test_bad_adapters_are_refused_with_one_line_and_nothing_written(setup, tmp_p
     sd = safetensors.torch.load_file(setup["lora"])
     before = sha256(setup["lora"])
     out = str(tmp_path / "out")
-    # an SDXL adapter on another family, or anything on names the base does not have
-    alien = {k.replace("lora_unet_", "lora_unet_zz_").replace("lora_te", "lora_te2_zz"): v for k, v in sd.items()}
+    # an adapter on names the base does not have
+    renames = (("lora_unet_", "lora_unet_zz_"), ("lora_te_", "lora_te_zz_"), ("lora_te1_", "lora_te_zz1_"),
+               ("lora_te2_", "lora_te_zz2_"))
+    alien = {}
+    for k, v in sd.items():
+        for old, new in renames:
+            k = k.replace(old, new) if k.startswith(old) else k
+        alien[k] = v
     safetensors.torch.save_file(alien, str(tmp_path / "alien.safetensors"))
     _refused(run_cli("convert", setup["ref"], out, "--lora", tmp_path / "alien.safetensors"),
              str(tmp_path / "alien.safetensors"), "modules matches this", out)
+    if setup["name"] != "sdxl-base":  # a text encoder 2 makes it an SDXL LoRA, refused on another family
+        sdxl = {k.replace("lora_te_", "lora_te2_"): v for k, v in sd.items()}
+        safetensors.torch.save_file(sdxl, str(tmp_path / "sdxl.safetensors"))
+        _refused(run_cli("convert", setup["ref"], out, "--lora", tmp_path / "sdxl.safetensors"),
+                 str(tmp_path / "sdxl.safetensors"), f"is a LoRA for sdxl-base, the base is {setup['name']}", out)
     # a few unknown modules: refused by name, merged with --allow-unmatched
     extra = dict(sd)
     extra.update({"lora_unet_nowhere.lora_up.weight": torch.zeros(4, 2), "lora_unet_nowhere.lora_down.weight":
@@ -275,3 +286,23 @@ def test_tucker_locon_module_equals_the_einsum_around_its_core(setup, tmp_path) 
     got = safetensors.torch.load_file(str(tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors"))[key]
     want = w + 0.5 * 2 / 4 * torch.einsum("mnkl,im,nj->ijkl", mid, up[:, :, 0, 0], down[:, :, 0, 0])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_inspect_describes_an_adapter_per_component(setup, tmp_path) -> None:
+    a = sdport.inspect(setup["lora"])["adapter"]
+    assert a["mergeable"] and a["format"] == "kohya" and a["modules"] == len(setup["modules"])
+    # tiny widths say nothing; a second text encoder says SDXL (real widths: below)
+    assert a["base_family"] == ("sdxl-base" if setup["name"] == "sdxl-base" else "unknown")
+    for width, family in ((768, "sd1"), (1024, "sd2"), (2048, "sdxl-base")):
+        name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+        safetensors.torch.save_file({f"{name}.lora_down.weight": torch.zeros(4, width),
+                                     f"{name}.lora_up.weight": torch.zeros(640, 4)}, str(tmp_path / "w.safetensors"))
+        assert sdport.inspect(str(tmp_path / "w.safetensors"))["adapter"]["base_family"] == family
+    assert a["components"]["unet"]["ranks"] == [4] and a["components"]["unet"]["alphas"] == [2.0]
+    assert a["components"]["text_encoder"]["ranks"] == [2] and set(a["kinds"]) == {"lora", "locon"}
+    loha = {"lora_unet_x.hada_w1_a": torch.zeros(2, 2), "lora_unet_x.hada_w1_b": torch.zeros(2, 2)}
+    safetensors.torch.save_file(loha, str(tmp_path / "loha.safetensors"))
+    loha = sdport.inspect(str(tmp_path / "loha.safetensors"))["adapter"]
+    assert not loha["mergeable"] and loha["algorithms"] == ["LoHa"]
+    r = run_cli("inspect", setup["lora"])
+    assert r.code == 0 and f"kohya, {len(setup['modules'])} modules" in r.out

@@ -47,7 +47,14 @@ def inspect(source: str | os.PathLike) -> dict[str, Any]:
             "metadata": dict(src.metadata),
             "non_tensors": dict(src.non_tensors),
             **_prediction(found),
+            **({"adapter": _adapter(src)} if found.family == "lora" else {}),
         }
+
+
+def _adapter(src) -> dict[str, Any]:
+    from .lora.describe import describe
+
+    return describe(src)
 
 
 def _prediction(found: Detection) -> dict[str, str]:
@@ -79,6 +86,8 @@ def render(report: dict[str, Any]) -> str:
         ("bytes", f"{report['tensor_bytes']:,} in tensors, {report['file_bytes']:,} on disk"),
         ("dtypes", ", ".join(f"{k} {v:,}" for k, v in report["dtypes"].items())),
     ]
+    if "adapter" in report:
+        rows.append(("adapter", _adapter_line(report["adapter"])))
     if "prediction_type" in report:
         rows.insert(4, ("predicts", f"{report['prediction_type']}: {report['prediction_reason']}"))
     width = max(len(k) for k, _ in rows)
@@ -92,6 +101,18 @@ def render(report: dict[str, Any]) -> str:
             if len(shown) > 40:
                 lines.append(f"  … and {len(shown) - 40} more (see --json)")
     return "\n".join(lines)
+
+
+def _adapter_line(a: dict[str, Any]) -> str:
+    if not a.get("mergeable"):
+        return f"{', '.join(a['algorithms']) or 'unknown algorithm'}: {a['reason']}"
+    kinds = ", ".join(f"{k} {n}" for k, n in a["kinds"].items())
+    parts = []
+    for comp, e in a["components"].items():
+        ranks = "/".join(str(r) for r in e["ranks"])
+        alphas = "/".join(f"{x:g}" for x in e["alphas"])
+        parts.append(f"{comp} {e['modules']} (rank {ranks}, alpha {alphas})")
+    return f"{a['format']}, {a['modules']} modules ({kinds}) for {a['base_family']}: {'; '.join(parts)}"
 
 
 def _short(value: object) -> str:

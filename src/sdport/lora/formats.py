@@ -13,7 +13,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from ..errors import FormatError
+from ..errors import FormatError, SdportError
 from ..io.base import TensorSource
 
 KOHYA_COMPONENTS = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
@@ -24,6 +24,9 @@ OLD_TEXT = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out
 UNSUPPORTED = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "lokr_w1_a": "LoKr", "lokr_w2": "LoKr", "dora_scale": "DoRA",
                "lora_magnitude_vector": "DoRA", "oft_blocks": "OFT", "on_input": "(IA)³", "a1.weight": "GLoRA",
                "diff": "full/diff", "diff_b": "full/diff", "w_norm": "norm", "b_norm": "norm"}
+
+#: cross-attention width of the base each family's LoRAs are trained on (attn2's to_k input)
+CROSS_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl-base", 1280: "sdxl-refiner"}
 
 _KOHYA = re.compile(r"(lora_(unet|te1|te2|te))_(.+)\.(lora_down\.weight|lora_up\.weight|lora_mid\.weight|alpha)")
 _PEFT = re.compile(r"(?:base_model\.model\.)?(?:(unet|text_encoder_2|text_encoder)\.)?(.+)\.(lora_A|lora_B)\.weight")
@@ -170,3 +173,36 @@ def _metadata_alpha(config: dict, path: str) -> float | None:
     if "lora_alpha" in config:
         return float(config["lora_alpha"])
     return None
+
+
+def read_alphas(source: TensorSource) -> dict[str, float]:
+    """The value of every 0-d ``alpha`` tensor (read now: the scale is part of the plan)."""
+    out = {}
+    for name, info in source.tensors.items():
+        if name.endswith(".alpha"):
+            if info.numel != 1:
+                raise SdportError(source.path, f"'{name}' is not a single number", "the adapter is damaged")
+            value = float(source.read(name).reshape(-1)[0])
+            if not value == value or value in (float("inf"), float("-inf")) or value < 0:
+                raise SdportError(source.path, f"'{name}' is {value}", "alpha must be a finite number ≥ 0")
+            out[name] = value
+    return out
+
+
+def module_kind(source: TensorSource, m: Module) -> str:
+    """``tucker`` (with a ``lora_mid`` core), ``locon`` (a conv kernel in the down factor) or ``lora``."""
+    down = source.tensors[m.factors["down"]].shape
+    return "tucker" if "mid" in m.factors else "locon" if len(down) == 4 and down[2:] != (1, 1) else "lora"
+
+
+def base_family(source: TensorSource, adapter: Adapter) -> str:
+    """The family an adapter was trained on, from its cross-attention width and text encoders; "" if unsure."""
+    base = ""
+    for m in adapter.modules:
+        down = source.tensors[m.factors["down"]].shape
+        if m.component == "unet" and ("attn2_to_k" in m.name or "attn2.to_k" in m.name) and len(down) == 2:
+            base = CROSS_WIDTH.get(down[1], "")
+            break
+    if any(m.component == "text_encoder_2" for m in adapter.modules) and base != "sdxl-refiner":
+        base = "sdxl-base"
+    return base

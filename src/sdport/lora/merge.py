@@ -15,10 +15,11 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 
 from ..errors import SdportError
+from ..families import PIPELINES
 from ..io import open_tensors
 from ..io.base import TensorSource
 from ..plan import Patch, Plan
-from .formats import Adapter, Module, parse
+from .formats import Adapter, Module, base_family, module_kind, parse, read_alphas
 from .resolve import Target, build_index
 
 
@@ -60,7 +61,11 @@ def merge_adapters(plan: Plan, base: TensorSource, family: str, diffusers_layout
     for i, spec in enumerate(specs):
         path, ratio = parse_spec(spec)
         with open_tensors(path) as source:
-            adapter = parse(source, _alphas(source))
+            adapter = parse(source, read_alphas(source))
+            trained_on = base_family(source, adapter)
+            if trained_on and family in PIPELINES and trained_on != family:
+                raise SdportError(path, f"is a LoRA for {trained_on}, the base is {family}",
+                                  "use a base of the family the LoRA was trained on")
             names = {k: f"lora{i}:{k}" for k in source.tensors}
             combined.tensors.update({names[k]: replace(v, name=names[k]) for k, v in source.tensors.items()})
             plan.dropped.update({names[k]: "alpha, folded into the merge scale" for k in adapter.alpha_keys})
@@ -74,25 +79,11 @@ def merge_adapters(plan: Plan, base: TensorSource, family: str, diffusers_layout
                     continue
                 patch = _patch(source, adapter, module, target, names, ratio)
                 patches.setdefault(target.tensor, []).append(patch)
-                report.applied[(module.component, _kind(source, module))] += 1
+                report.applied[(module.component, module_kind(source, module))] += 1
             _check_matches(adapter, report, family, allow_unmatched)
             reports.append(report)
     _attach(plan, patches)
     return combined, reports
-
-
-def _alphas(source: TensorSource) -> dict[str, float]:
-    """The value of every 0-d ``alpha`` tensor (read now: the scale is part of the plan)."""
-    out = {}
-    for name, info in source.tensors.items():
-        if name.endswith(".alpha"):
-            if info.numel != 1:
-                raise SdportError(source.path, f"'{name}' is not a single number", "the adapter is damaged")
-            value = float(source.read(name).reshape(-1)[0])
-            if not value == value or value in (float("inf"), float("-inf")) or value < 0:
-                raise SdportError(source.path, f"'{name}' is {value}", "alpha must be a finite number ≥ 0")
-            out[name] = value
-    return out
 
 
 def _patch(source: TensorSource, adapter: Adapter, module: Module, target: Target, names: dict[str, str],
@@ -109,13 +100,6 @@ def _patch(source: TensorSource, adapter: Adapter, module: Module, target: Targe
                           f"'{target.tensor}' {list(target.shape)}",
                           "the LoRA was made for another model (family or size)")
     return Patch(target.tensor, tuple(names[module.factors[k]] for k in order), ratio * alpha / rank, target.rows)
-
-
-def _kind(source: TensorSource, module: Module) -> str:
-    if "mid" in module.factors:
-        return "tucker"
-    return "locon" if len(source.tensors[module.factors["down"]].shape) == 4 and \
-        source.tensors[module.factors["down"]].shape[2:] != (1, 1) else "lora"
 
 
 def _check_matches(adapter: Adapter, report: AdapterReport, family: str, allow_unmatched: bool) -> None:
