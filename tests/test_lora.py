@@ -229,10 +229,11 @@ def test_bad_adapters_are_refused_with_one_line_and_nothing_written(setup, tmp_p
              str(tmp_path / "extra.safetensors"), "unet:nowhere", out)
     r = run_cli("convert", setup["ref"], out, "--lora", tmp_path / "extra.safetensors", "--allow-unmatched", "--report")
     assert r.code == 0 and "1 unmatched" in r.out and "unmatched unet:nowhere" in r.out
-    # a factor of the wrong size, a LoHa module, a NaN alpha
+    # a factor of the wrong size, a DoRA module (not merged yet), an incomplete LoHa module, a NaN alpha
     up = next(k for k in sd if k.endswith("lora_up.weight") and sd[k].ndim == 2)
     cases = {"wrong.safetensors": ({**sd, up: torch.zeros(sd[up].shape[0] + 1, sd[up].shape[1])}, "does not fit"),
-             "loha.safetensors": ({**sd, "lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, "LoHa"),
+             "dora.safetensors": ({**sd, up.replace("lora_up.weight", "dora_scale"): torch.zeros(2, 1)}, "DoRA"),
+             "half-loha.safetensors": ({**sd, "lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, "lacks some of its"),
              "nan.safetensors": ({**sd, up.replace("lora_up.weight", "alpha"): torch.tensor(float("nan"))}, "nan")}
     for name, (state, words) in cases.items():
         safetensors.torch.save_file(state, str(tmp_path / name))
@@ -300,9 +301,58 @@ def test_inspect_describes_an_adapter_per_component(setup, tmp_path) -> None:
         assert sdport.inspect(str(tmp_path / "w.safetensors"))["adapter"]["base_family"] == family
     assert a["components"]["unet"]["ranks"] == [4] and a["components"]["unet"]["alphas"] == [2.0]
     assert a["components"]["text_encoder"]["ranks"] == [2] and set(a["kinds"]) == {"lora", "locon"}
-    loha = {"lora_unet_x.hada_w1_a": torch.zeros(2, 2), "lora_unet_x.hada_w1_b": torch.zeros(2, 2)}
-    safetensors.torch.save_file(loha, str(tmp_path / "loha.safetensors"))
-    loha = sdport.inspect(str(tmp_path / "loha.safetensors"))["adapter"]
-    assert not loha["mergeable"] and loha["algorithms"] == ["LoHa"]
+    dora = {"lora_unet_x.lora_up.weight": torch.zeros(2, 2), "lora_unet_x.lora_down.weight": torch.zeros(2, 2),
+            "lora_unet_x.dora_scale": torch.zeros(2, 1)}
+    safetensors.torch.save_file(dora, str(tmp_path / "dora.safetensors"))
+    dora = sdport.inspect(str(tmp_path / "dora.safetensors"))["adapter"]
+    assert not dora["mergeable"] and dora["algorithms"] == ["DoRA"]
     r = run_cli("inspect", setup["lora"])
     assert r.code == 0 and f"kohya, {len(setup['modules'])} modules" in r.out
+
+
+def test_loha_and_lokr_modules_equal_lycoris_own_rebuild(setup, tmp_path) -> None:
+    from lycoris.functional import loha, lokr
+
+    base = setup["pipe"].unet.state_dict()
+    linear = next(k for k in base if k.endswith("attn1.to_q.weight"))
+    ff = next(k for k in base if k.endswith("ff.net.2.weight"))
+    conv = next(k for k in base if k.endswith("resnets.0.conv1.weight"))
+    conv2 = next(k for k in base if k.endswith("resnets.1.conv1.weight"))
+    g = torch.Generator().manual_seed(9)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
+    sd, want = {}, {}
+
+    def name(key: str) -> str:
+        return "lora_unet_" + key[:-len(".weight")].replace(".", "_")
+
+    (o, i), rank = base[linear].shape, 3  # LoHa on a linear layer
+    f = {"hada_w1_a": r(o, rank), "hada_w1_b": r(rank, i), "hada_w2_a": r(o, rank), "hada_w2_b": r(rank, i)}
+    want[linear] = loha.diff_weight(f["hada_w1_b"], f["hada_w1_a"], f["hada_w2_b"], f["hada_w2_a"], None, None,
+                                    gamma=4.0 / rank)
+    sd.update({f"{name(linear)}.{k}": v for k, v in {**f, "alpha": torch.tensor(4.0)}.items()})
+    o, i, kh, kw = base[conv].shape  # LoHa with Tucker cores on a 3×3 conv
+    f = {"hada_w1_a": r(rank, o), "hada_w1_b": r(rank, i), "hada_t1": r(rank, rank, kh, kw),
+         "hada_w2_a": r(rank, o), "hada_w2_b": r(rank, i), "hada_t2": r(rank, rank, kh, kw)}
+    want[conv] = loha.diff_weight(f["hada_w1_b"], f["hada_w1_a"], f["hada_w2_b"], f["hada_w2_a"], f["hada_t1"],
+                                  f["hada_t2"], gamma=1.0)
+    sd.update({f"{name(conv)}.{k}": v for k, v in f.items()})
+    o, i = base[ff].shape  # LoKr: a full left half, a factorised right half
+    f = {"lokr_w1": r(2, 2), "lokr_w2_a": r(o // 2, 2), "lokr_w2_b": r(2, i // 2)}
+    want[ff] = lokr.diff_weight(f["lokr_w1"], None, None, None, f["lokr_w2_a"], f["lokr_w2_b"], None, gamma=1.0)
+    sd.update({f"{name(ff)}.{k}": v for k, v in {**f, "alpha": torch.tensor(1.0)}.items()})
+    o, i, kh, kw = base[conv2].shape  # LoKr on a conv, the right half a Tucker rebuild
+    f = {"lokr_w1": r(2, 2), "lokr_w2_a": r(2, o // 2), "lokr_w2_b": r(2, i // 2), "lokr_t2": r(2, 2, kh, kw)}
+    # no alpha: scale 1 (alpha = rank); lycoris's functional API divides gamma by w2a.shape[1], so pass that
+    want[conv2] = lokr.diff_weight(f["lokr_w1"], None, None, None, f["lokr_w2_a"], f["lokr_w2_b"], f["lokr_t2"],
+                                   gamma=float(o // 2))
+    sd.update({f"{name(conv2)}.{k}": v for k, v in f.items()})
+    path = str(tmp_path / "lycoris.safetensors")
+    safetensors.torch.save_file(sd, path)
+    r_ = run_cli("convert", setup["ref"], tmp_path / "m", "--lora", f"{path}:0.6", "--report")
+    assert r_.code == 0, r_.err
+    assert "unet loha 2" in r_.out and "unet lokr 2" in r_.out
+    got = safetensors.torch.load_file(str(tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors"))
+    for key, delta in want.items():
+        torch.testing.assert_close(got[key], base[key] + 0.6 * delta.reshape(base[key].shape), rtol=1e-5,
+                                   atol=1e-5)
+    assert sdport.inspect(path)["adapter"]["kinds"] == {"loha": 2, "lokr": 2}

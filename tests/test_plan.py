@@ -7,7 +7,8 @@ import pytest
 
 from sdport.errors import PlanError, UnknownKeyError
 from sdport.io.base import TensorInfo, TensorSource
-from sdport.plan import OutputFile, OutputTensor, Patch, Plan, compute, validate
+from sdport.patches import Patch
+from sdport.plan import OutputFile, OutputTensor, Plan, compute, validate
 
 
 def _source(**shapes: tuple[int, ...]) -> TensorSource:
@@ -62,7 +63,8 @@ def test_patches_add_low_rank_updates_in_fp32_to_whole_tensors_and_row_blocks() 
     w = rng.standard_normal((6, 4)).astype(np.float16)
     up, down = rng.standard_normal((2, 3)).astype(np.float32), rng.standard_normal((3, 4)).astype(np.float32)
     arrays = {"w": w, "up": up, "down": down}
-    got = compute(OutputTensor("w", "F16", (6, 4), ("w",), patches=(Patch("w", ("up", "down"), 0.5, (1, 3)),)),
+    lora = ("up", "down")
+    got = compute(OutputTensor("w", "F16", (6, 4), ("w",), patches=(Patch("w", lora, lora, 0.5, rows=(1, 3)),)),
                   arrays.get)
     want = w.astype(np.float32)
     want[2:4] += 0.5 * up @ down
@@ -70,12 +72,12 @@ def test_patches_add_low_rank_updates_in_fp32_to_whole_tensors_and_row_blocks() 
     conv_up, conv_down = rng.standard_normal((6, 3, 1, 1)), rng.standard_normal((3, 2, 3, 3))
     mid = rng.standard_normal((3, 3, 3, 3))
     arrays.update(cw=np.zeros((6, 2, 3, 3), np.float32), cu=conv_up, cd=conv_down, mid=mid)
-    locon = compute(OutputTensor("cw", "F32", (6, 2, 3, 3), ("cw",), patches=(Patch("cw", ("cu", "cd"), 1.0),)),
+    locon = compute(OutputTensor("cw", "F32", (6, 2, 3, 3), ("cw",), patches=(Patch("cw", ("cu", "cd"), lora, 1.0),)),
                     arrays.get)
     np.testing.assert_allclose(locon, np.einsum("or,rikl->oikl", conv_up[:, :, 0, 0], conv_down), rtol=1e-5, atol=1e-5)
     tucker_down = rng.standard_normal((3, 2, 1, 1))
     arrays["td"] = tucker_down
     tucker = compute(OutputTensor("cw", "F32", (6, 2, 3, 3), ("cw",),
-                                  patches=(Patch("cw", ("cu", "td", "mid"), 2.0),)), arrays.get)
+                                  patches=(Patch("cw", ("cu", "td", "mid"), ("up", "down", "mid"), 2.0),)), arrays.get)
     want = 2 * np.einsum("mnkl,im,nj->ijkl", mid, conv_up[:, :, 0, 0], tucker_down[:, :, 0, 0])
     np.testing.assert_allclose(tucker, want, rtol=1e-5, atol=1e-5)

@@ -8,7 +8,7 @@ stated reason, every output is defined once, and every shape and dtype agrees.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +16,7 @@ import numpy as np
 from .dtypes import BY_CODE, cast
 from .errors import PlanError, UnknownKeyError
 from .io.base import Slot, TensorSource
+from .patches import Patch, apply, fits
 
 Shape = tuple[int, ...]
 
@@ -56,21 +57,6 @@ OPS: dict[str, Op] = {
     "concat": Op(lambda xs, a: np.concatenate(xs, axis=a[0]), _concat_shape),
 }
 _ARITY = {"identity": 1, "reshape": 1, "transpose": 1, "split": 1}
-
-
-@dataclass(frozen=True)
-class Patch:
-    """A low-rank update added, in fp32, to one input of an output tensor before its op (a merged LoRA module).
-
-    ``scale · up @ down`` — or, with a third factor, the Tucker form around ``mid`` — reshaped to the
-    target; with ``rows = (k, parts)`` it updates only the k-th of ``parts`` equal row blocks (q, k or v
-    of a fused ``in_proj``).
-    """
-
-    target: str
-    factors: tuple[str, ...]  # up, down[, mid]
-    scale: float
-    rows: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -158,16 +144,12 @@ def _check_tensor(t: OutputTensor, source: TensorSource, where: str) -> None:
 
 def _check_patch(t: OutputTensor, patch: Patch, source: TensorSource) -> None:
     missing = [f for f in (patch.target, *patch.factors) if f not in source.tensors]
-    if missing or patch.target not in t.inputs or len(patch.factors) not in (2, 3):
+    if missing or patch.target not in t.inputs:
         raise PlanError(source.path, f"'{t.name}': patch of '{patch.target}' is incomplete ({missing})", None)
-    target = source.tensors[patch.target].shape
-    up, down, *mid = (source.tensors[f].shape for f in patch.factors)
-    rank_ok = down[0] == (mid[0][1] if mid else up[1] if len(up) > 1 else -1)
-    numel = up[0] * (math.prod(down[1:]) * math.prod(mid[0][2:]) if mid else math.prod(down[1:]))
-    block = math.prod(target) // (patch.rows[1] if patch.rows else 1)
-    if not rank_ok or numel != block or (patch.rows and target[0] % patch.rows[1]):
-        raise PlanError(source.path, f"update of '{patch.target}' {list(target)} from factors "
-                        f"{[list(s) for s in (up, down, *mid)]} does not fit", "the adapter is for another model")
+    target, shapes = source.tensors[patch.target].shape, [source.tensors[f].shape for f in patch.factors]
+    if not fits(patch, target, shapes):
+        raise PlanError(source.path, f"{patch.kind} update of '{patch.target}' {list(target)} from factors "
+                        f"{[list(s) for s in shapes]} does not fit", "the adapter is for another model")
 
 
 def derive(name: str, cast_to: str | None, source: TensorSource, inputs: tuple[str, ...], op: str = "identity",
@@ -191,27 +173,8 @@ def compute(t: OutputTensor, read: Callable[[str], np.ndarray]) -> np.ndarray:
     arrays = [read(i) for i in t.inputs]
     for patch in t.patches:
         k = t.inputs.index(patch.target)
-        arrays[k] = apply_patch(arrays[k], patch, [read(f) for f in patch.factors])
+        arrays[k] = apply(arrays[k], patch, [read(f) for f in patch.factors])
     return cast(OPS[t.op].compute(arrays, t.args), t.dtype)
-
-
-def low_rank_delta(factors: Sequence[np.ndarray]) -> np.ndarray:
-    """``up @ down`` in fp32 over flattened factors; with a Tucker core ``mid``, contracted around it."""
-    up, down, *mid = (cast(f, "F32") for f in factors)
-    up2, down2 = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
-    if mid:
-        return np.einsum("mnkl,im,nj->ijkl", mid[0], up2, down2)
-    return up2 @ down2
-
-
-def apply_patch(weight: np.ndarray, patch: Patch, factors: Sequence[np.ndarray]) -> np.ndarray:
-    """``weight`` in fp32 with the patch's update added."""
-    out = cast(weight, "F32")
-    if out is weight:  # never update the caller's array
-        out = out.copy()
-    block = out if patch.rows is None else out.reshape(patch.rows[1], -1, *out.shape[1:])[patch.rows[0]]
-    block += np.float32(patch.scale) * low_rank_delta(factors).reshape(block.shape)
-    return out
 
 
 def is_elementwise(t: OutputTensor, source: TensorSource) -> bool:

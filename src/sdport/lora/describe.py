@@ -26,16 +26,16 @@ def describe(source: TensorSource) -> dict[str, Any]:
     components: dict[str, dict[str, Any]] = {}
     kinds: Counter = Counter()
     for m in adapter.modules:
-        down = source.tensors[m.factors["down"]].shape
+        rank = m.rank(source)
         kinds[module_kind(source, m)] += 1
         entry = components.setdefault(m.component, {"modules": 0, "ranks": set(), "alphas": set()})
         entry["modules"] += 1
-        entry["ranks"].add(down[0])
-        entry["alphas"].add(m.alpha if m.alpha else float(down[0]))
+        entry["ranks"].add(rank if rank else "full")
+        entry["alphas"].add(m.alpha if m.alpha else float(rank or 0))
     report.update(mergeable=True, format=adapter.format, modules=len(adapter.modules),
                   algorithms=sorted(kinds), kinds=dict(sorted(kinds.items())),
                   base_family=base_family(source, adapter) or "unknown",
-                  components={c: {"modules": e["modules"], "ranks": sorted(e["ranks"]), "alphas": sorted(e["alphas"])}
-                              for c, e in sorted(components.items())})
+                  components={c: {"modules": e["modules"], "ranks": sorted(e["ranks"], key=str),
+                                  "alphas": sorted(e["alphas"])} for c, e in sorted(components.items())})
     return report
 

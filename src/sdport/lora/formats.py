@@ -21,14 +21,20 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 #: old diffusers attention-processor names → the module they patch (UNet attention, then CLIP attention)
 OLD_UNET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 OLD_TEXT = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
-UNSUPPORTED = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "lokr_w1_a": "LoKr", "lokr_w2": "LoKr", "dora_scale": "DoRA",
-               "lora_magnitude_vector": "DoRA", "oft_blocks": "OFT", "on_input": "(IA)³", "a1.weight": "GLoRA",
-               "diff": "full/diff", "diff_b": "full/diff", "w_norm": "norm", "b_norm": "norm"}
+UNSUPPORTED = {"dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "oft_blocks": "OFT", "on_input": "(IA)³",
+               "a1.weight": "GLoRA", "diff": "full/diff", "diff_b": "full/diff", "w_norm": "norm", "b_norm": "norm"}
 
 #: cross-attention width of the base each family's LoRAs are trained on (attn2's to_k input)
 CROSS_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl-base", 1280: "sdxl-refiner"}
 
-_KOHYA = re.compile(r"(lora_(unet|te1|te2|te))_(.+)\.(lora_down\.weight|lora_up\.weight|lora_mid\.weight|alpha)")
+#: kohya/LyCORIS tensor suffix → (algorithm, role of the factor in patches.delta)
+ROLES = {"lora_up.weight": ("lora", "up"), "lora_down.weight": ("lora", "down"), "lora_mid.weight": ("lora", "mid"),
+         **{f"hada_{k}": ("loha", k.replace("_", "")) for k in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")},
+         **{f"lokr_{k}": ("lokr", k.replace("_", "")) for k in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")}}
+REQUIRED = {"lora": (("up",), ("down",)), "loha": (("w1a",), ("w1b",), ("w2a",), ("w2b",)),
+            "lokr": (("w1", "w1a"), ("w2", "w2a"))}
+
+_KOHYA = re.compile(r"(lora_(unet|te1|te2|te))_(.+)\.(" + "|".join(re.escape(k) for k in ROLES) + r"|alpha)")
 _PEFT = re.compile(r"(?:base_model\.model\.)?(?:(unet|text_encoder_2|text_encoder)\.)?(.+)\.(lora_A|lora_B)\.weight")
 _ALPHA = re.compile(r"(?:(unet|text_encoder_2|text_encoder)\.)?(.+)\.alpha")
 _OLD = re.compile(r"(?:(unet|text_encoder_2|text_encoder)\.)?(.+?)\.(?:processor\.)?(to_q|to_k|to_v|to_out)_lora"
@@ -50,8 +56,14 @@ class Module:
     component: str
     name: str
     naming: str
-    factors: dict[str, str] = field(default_factory=dict)
+    factors: dict[str, str] = field(default_factory=dict)  # role (patches.delta) → tensor name
     alpha: float | None = None
+    kind: str = "lora"  # lora (LoCon, Tucker), loha, lokr
+
+    def rank(self, source: TensorSource) -> int | None:
+        """The rank alpha is divided by; None for a LoKr whose halves are both full (scale 1)."""
+        key = {"lora": "down", "loha": "w1b"}.get(self.kind) or ("w2b" if "w2b" in self.factors else "w1b")
+        return source.tensors[self.factors[key]].shape[0] if key in self.factors else None
 
     @property
     def label(self) -> str:
@@ -76,7 +88,7 @@ def parse(source: TensorSource, alphas: dict[str, float]) -> Adapter:
         for suffix, algo in UNSUPPORTED.items():
             if name.endswith("." + suffix) or leaf[-1] == suffix:
                 raise FormatError(source.path, f"uses {algo} (tensor '{name}'), which this version cannot merge",
-                                  "only LoRA, LoCon and Tucker LoRA adapters are merged so far")
+                                  "LoRA, LoCon, Tucker, LoHa and LoKr adapters are merged so far")
     if any(_KOHYA.fullmatch(n) for n in names):
         return _kohya(source, names, alphas)
     if any(_OLD.fullmatch(n) for n in names):
@@ -97,8 +109,12 @@ def _kohya(source: TensorSource, names: list[str], alphas: dict[str, float]) -> 
         mod = modules.setdefault(m[1] + "_" + m[3], Module(KOHYA_COMPONENTS[m[2]], m[3], "kohya"))
         if m[4] == "alpha":
             mod.alpha, _ = alphas[name], alpha_keys.append(name)
-        else:
-            mod.factors[{"lora_up.weight": "up", "lora_down.weight": "down", "lora_mid.weight": "mid"}[m[4]]] = name
+            continue
+        kind, role = ROLES[m[4]]
+        if mod.factors and mod.kind != kind:
+            raise FormatError(source.path, f"module '{m[3]}' mixes {mod.kind} and {kind} tensors",
+                              "the file is damaged")
+        mod.kind, mod.factors[role] = kind, name
     return Adapter(source.path, "kohya", _complete(source, modules), alpha_keys)
 
 
@@ -144,8 +160,9 @@ def _guess_component(path: str) -> str:
 
 def _complete(source: TensorSource, modules: dict) -> list[Module]:
     for mod in modules.values():
-        if "up" not in mod.factors or "down" not in mod.factors:
-            raise FormatError(source.path, f"module '{mod.name}' lacks its up or down factor", "the file is damaged")
+        if any(not any(r in mod.factors for r in choice) for choice in REQUIRED[mod.kind]):
+            raise FormatError(source.path, f"{mod.kind} module '{mod.name}' lacks some of its factors "
+                              f"(has {sorted(mod.factors)})", "the file is damaged")
     return list(modules.values())
 
 
@@ -190,7 +207,9 @@ def read_alphas(source: TensorSource) -> dict[str, float]:
 
 
 def module_kind(source: TensorSource, m: Module) -> str:
-    """``tucker`` (with a ``lora_mid`` core), ``locon`` (a conv kernel in the down factor) or ``lora``."""
+    """``loha``, ``lokr``, or for LoRA ``tucker`` (a ``lora_mid`` core), ``locon`` (a conv kernel) or ``lora``."""
+    if m.kind != "lora":
+        return m.kind
     down = source.tensors[m.factors["down"]].shape
     return "tucker" if "mid" in m.factors else "locon" if len(down) == 4 and down[2:] != (1, 1) else "lora"
 
@@ -199,9 +218,10 @@ def base_family(source: TensorSource, adapter: Adapter) -> str:
     """The family an adapter was trained on, from its cross-attention width and text encoders; "" if unsure."""
     base = ""
     for m in adapter.modules:
-        down = source.tensors[m.factors["down"]].shape
-        if m.component == "unet" and ("attn2_to_k" in m.name or "attn2.to_k" in m.name) and len(down) == 2:
-            base = CROSS_WIDTH.get(down[1], "")
+        down = m.factors.get("down") or m.factors.get("w1b")
+        shape = source.tensors[down].shape if down else ()
+        if m.component == "unet" and ("attn2_to_k" in m.name or "attn2.to_k" in m.name) and len(shape) == 2:
+            base = CROSS_WIDTH.get(shape[1], "")
             break
     if any(m.component == "text_encoder_2" for m in adapter.modules) and base != "sdxl-refiner":
         base = "sdxl-base"

@@ -9,7 +9,6 @@ the user allows unmatched ones.
 
 from __future__ import annotations
 
-import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -18,7 +17,8 @@ from ..errors import SdportError
 from ..families import PIPELINES
 from ..io import open_tensors
 from ..io.base import TensorSource
-from ..plan import Patch, Plan
+from ..patches import Patch, fits
+from ..plan import Plan
 from .formats import Adapter, Module, base_family, module_kind, parse, read_alphas
 from .resolve import Target, build_index
 
@@ -88,18 +88,18 @@ def merge_adapters(plan: Plan, base: TensorSource, family: str, diffusers_layout
 
 def _patch(source: TensorSource, adapter: Adapter, module: Module, target: Target, names: dict[str, str],
            ratio: float) -> Patch:
-    order = ("up", "down", "mid") if "mid" in module.factors else ("up", "down")
-    shapes = [source.tensors[module.factors[k]].shape for k in order]
-    rank = shapes[1][0]
-    alpha = module.alpha if module.alpha else rank  # missing or 0: alpha = rank, as kohya and LyCORIS read it
-    kernel = math.prod(shapes[2][2:]) if len(shapes) == 3 else 1
-    numel = shapes[0][0] * math.prod(shapes[1][1:]) * kernel
-    block = math.prod(target.shape) // (target.rows[1] if target.rows else 1)
-    if numel != block or shapes[0][1] != (shapes[2][0] if len(shapes) == 3 else rank):
-        raise SdportError(adapter.path, f"module '{module.label}' ({[list(s) for s in shapes]}) does not fit "
-                          f"'{target.tensor}' {list(target.shape)}",
+    roles = tuple(module.factors)
+    rank = module.rank(source)
+    # alpha missing or 0 means alpha = rank, as kohya and LyCORIS read it; a LoKr of two full halves has no rank
+    scale = ratio * ((module.alpha or rank) / rank if rank else 1.0)
+    patch = Patch(target.tensor, tuple(names[module.factors[r]] for r in roles), roles, scale, module.kind,
+                  target.rows)
+    shapes = [source.tensors[module.factors[r]].shape for r in roles]
+    if not fits(patch, target.shape, shapes):
+        raise SdportError(adapter.path, f"{module.kind} module '{module.label}' ({[list(s) for s in shapes]}) does "
+                          f"not fit '{target.tensor}' {list(target.shape)}",
                           "the LoRA was made for another model (family or size)")
-    return Patch(target.tensor, tuple(names[module.factors[k]] for k in order), ratio * alpha / rank, target.rows)
+    return patch
 
 
 def _check_matches(adapter: Adapter, report: AdapterReport, family: str, allow_unmatched: bool) -> None:

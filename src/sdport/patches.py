@@ -1,0 +1,131 @@
+"""Weight updates merged from adapters: the ``Patch`` record, each algorithm's ΔW, and its size from shapes alone.
+
+A patch names its factor tensors by role; ``kind`` says how they make ΔW (always in fp32):
+
+- ``lora``: ``up``, ``down`` [, ``mid``] — ``up @ down`` over flattened factors (LoCon convs included), or
+  the Tucker contraction around ``mid``;
+- ``loha``: ``w1a``, ``w1b``, ``w2a``, ``w2b`` [, ``t1``, ``t2``] — ``(w1a @ w1b) ⊙ (w2a @ w2b)``, each half
+  contracted around its Tucker core when it has one;
+- ``lokr``: ``w1`` or ``w1a``+``w1b``, and ``w2`` or ``w2a``+``w2b`` [+ ``t2``] — ``kron(w1, w2)``.
+
+ΔW is reshaped to the target (or to one row block of it, for q, k or v of a fused ``in_proj``),
+scaled, and added. ``delta_shape`` computes ΔW's shape without data, so plans are checked first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .dtypes import cast
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Patch:
+    """``scale · ΔW`` added, in fp32, to input ``target`` of an output tensor before its op.
+
+    With ``rows = (k, parts)`` only the k-th of ``parts`` equal row blocks is updated.
+    """
+
+    target: str
+    factors: tuple[str, ...]
+    roles: tuple[str, ...]
+    scale: float
+    kind: str = "lora"
+    rows: tuple[int, int] | None = None
+
+
+def _tucker(core: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """LyCORIS's Tucker rebuild ``einsum("i j k l, i p, j r -> p r k l")``: the core between a [r, out], b [r, in]."""
+    return np.einsum("ij...,ip,jr->pr...", core, a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
+
+
+def _product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` over flattened factors, keeping ``b``'s trailing (kernel) dims."""
+    return (a.reshape(a.shape[0], -1) @ b.reshape(b.shape[0], -1)).reshape(a.shape[0], *b.shape[1:])
+
+
+def delta(kind: str, f: dict[str, np.ndarray]) -> np.ndarray:
+    """ΔW of one patch from its factors by role, in fp32."""
+    f = {k: cast(v, "F32") for k, v in f.items()}
+    if kind == "lora":
+        if "mid" in f:
+            return np.einsum("mnkl,im,nj->ijkl", f["mid"], f["up"].reshape(f["up"].shape[0], -1),
+                             f["down"].reshape(f["down"].shape[0], -1))
+        return f["up"].reshape(f["up"].shape[0], -1) @ f["down"].reshape(f["down"].shape[0], -1)
+    if kind == "loha":
+        if "t1" in f:
+            return _tucker(f["t1"], f["w1a"], f["w1b"]) * _tucker(f["t2"], f["w2a"], f["w2b"])
+        return _product(f["w1a"], f["w1b"]) * _product(f["w2a"], f["w2b"])
+    if kind == "lokr":
+        w1 = f["w1"] if "w1" in f else _product(f["w1a"], f["w1b"])
+        if "w2" in f:
+            w2 = f["w2"]
+        elif "t2" in f:
+            w2 = _tucker(f["t2"], f["w2a"], f["w2b"])
+        else:
+            w2 = _product(f["w2a"], f["w2b"])
+        w1 = w1.reshape(w1.shape + (1,) * (w2.ndim - w1.ndim))
+        return np.kron(w1, w2)
+    raise ValueError(f"unknown patch kind {kind}")
+
+
+def delta_shape(kind: str, s: dict[str, Shape]) -> Shape | None:
+    """The shape ``delta`` will have for factors of these shapes, or None when they do not fit together."""
+    try:
+        if kind == "lora":
+            up, down = s["up"], s["down"]
+            if "mid" in s:
+                ok = up[1] == s["mid"][0] and down[0] == s["mid"][1]
+                return (up[0], math.prod(down[1:]), *s["mid"][2:]) if ok else None
+            return (up[0], math.prod(down[1:])) if len(up) > 1 and up[1] == down[0] else None
+        if kind == "loha":
+            halves = []
+            for k in "12":
+                a, b = s[f"w{k}a"], s[f"w{k}b"]
+                if f"t{k}" in s:
+                    t = s[f"t{k}"]
+                    halves.append((a[1], b[1], *t[2:]) if (t[0], t[1]) == (a[0], b[0]) else None)
+                else:
+                    halves.append((a[0], *b[1:]) if len(a) > 1 and a[1] == b[0] else None)
+            return halves[0] if halves[0] is not None and halves[0] == halves[1] else None
+        if kind == "lokr":
+            w1 = s["w1"] if "w1" in s else ((s["w1a"][0], *s["w1b"][1:]) if s["w1a"][1] == s["w1b"][0] else None)
+            if "w2" in s:
+                w2 = s["w2"]
+            elif "t2" in s:
+                t, a, b = s["t2"], s["w2a"], s["w2b"]
+                w2 = (a[1], b[1], *t[2:]) if (t[0], t[1]) == (a[0], b[0]) else None
+            else:
+                w2 = (s["w2a"][0], *s["w2b"][1:]) if s["w2a"][1] == s["w2b"][0] else None
+            if w1 is None or w2 is None or len(w1) > len(w2):
+                return None
+            w1 = tuple(w1) + (1,) * (len(w2) - len(w1))
+            return tuple(x * y for x, y in zip(w1, w2, strict=True))
+    except (KeyError, IndexError):
+        return None
+    return None
+
+
+def fits(patch: Patch, target: Shape, factor_shapes: Sequence[Shape]) -> bool:
+    """Whether the patch's ΔW has exactly as many elements as its target (or target row block)."""
+    shape = delta_shape(patch.kind, dict(zip(patch.roles, factor_shapes, strict=True)))
+    if shape is None or (patch.rows and target[0] % patch.rows[1]):
+        return False
+    return math.prod(shape) == math.prod(target) // (patch.rows[1] if patch.rows else 1)
+
+
+def apply(weight: np.ndarray, patch: Patch, factors: Sequence[np.ndarray]) -> np.ndarray:
+    """``weight`` in fp32 with the patch's scaled ΔW added (a new array; ``weight`` is never changed)."""
+    out = cast(weight, "F32")
+    if out is weight:
+        out = out.copy()
+    block = out if patch.rows is None else out.reshape(patch.rows[1], -1, *out.shape[1:])[patch.rows[0]]
+    block += np.float32(patch.scale) * delta(patch.kind, dict(zip(patch.roles, factors, strict=True))).reshape(
+        block.shape)
+    return out
