@@ -114,6 +114,19 @@ def test_ema_weights_are_taken_only_with_ema(sd1_single, tmp_path) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k] + 1, b[k]) for k in a)
     r = run_cli("convert", sd1_single, tmp_path / "none", "--ema")
     assert r.code == 2 and "no EMA weights" in r.err
+    # a LoRA merged with --ema lands on the EMA copy, the weights that are written
+    key = next(k for k in unet if k.endswith("attn1.to_q.weight"))
+    name = "lora_unet_" + key.removeprefix("model.diffusion_model.").removesuffix(".weight").replace(".", "_")
+    up, down = torch.ones(unet[key].shape[0], 1), torch.full((1, unet[key].shape[1]), 0.5)
+    safetensors.torch.save_file({f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down},
+                                str(tmp_path / "l.safetensors"))
+    r = run_cli("convert", src, tmp_path / "ema.safetensors", "--ema", "--to", "single-file", "--lora",
+                tmp_path / "l.safetensors")
+    assert r.code == 2 and "need a conversion to or from diffusers" in r.err
+    assert run_cli("convert", src, tmp_path / "emal", "--ema", "--lora", tmp_path / "l.safetensors").code == 0
+    merged = safetensors.torch.load_file(str(tmp_path / "emal" / "unet" / "diffusion_pytorch_model.safetensors"))
+    diffusers_name = next(k for k in b if torch.equal(b[k], unet[key] + 1))
+    assert torch.equal(merged[diffusers_name], unet[key] + 1 + up @ down)
 
 
 def test_unknown_tensor_is_refused_by_name_unless_allowed(sd1_single, tmp_path) -> None:

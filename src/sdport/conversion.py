@@ -13,10 +13,10 @@ from .detect import Detection, detect, prediction_type
 from .dtypes import USER_NAMES
 from .errors import SdportError
 from .execute import execute
-from .families import FAMILIES, PIPELINES
+from .families import FAMILIES, PIPELINES, UNET
 from .io import open_tensors
 from .io.base import TensorSource
-from .layouts import LayoutRequest, folder_plan, to_diffusers, to_single_file
+from .layouts import LayoutRequest, ema_name, folder_plan, to_diffusers, to_single_file
 from .lora import AdapterReport, merge_adapters
 from .plan import OutputFile, Plan, derive, validate
 
@@ -124,8 +124,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
         _place_unknown(plan, source, allow_unknown)
         merged, reports = source, []
         if loras:
+            ema_copies = {k: ema_name(k) for k in source.tensors if k.startswith(UNET.ldm_prefix)} if ema else {}
             merged, reports = merge_adapters(plan, source, _family(source, found), from_diffusers, list(loras),
-                                             allow_unmatched=allow_unmatched)
+                                             allow_unmatched=allow_unmatched, read_as=ema_copies)
         try:
             validate(plan, merged, allow_unknown=allow_unknown)
             execute(plan, merged, dst, force=force, progress=progress)

@@ -51,8 +51,13 @@ def parse_spec(spec: str) -> tuple[str, float]:
 
 
 def merge_adapters(plan: Plan, base: TensorSource, family: str, diffusers_layout: bool, specs: list[str], *,
-                   allow_unmatched: bool = False) -> tuple[TensorSource, list[AdapterReport]]:
-    """Attach every adapter in ``specs`` to ``plan`` as patches; returns the combined source to execute with."""
+                   allow_unmatched: bool = False, read_as: dict[str, str] | None = None
+                   ) -> tuple[TensorSource, list[AdapterReport]]:
+    """Attach every adapter in ``specs`` to ``plan`` as patches; returns the combined source to execute with.
+
+    ``read_as`` maps a base weight to the tensor the plan reads in its place (``--ema``: its EMA copy),
+    so the update lands on what is written.
+    """
     index = build_index(base, family, diffusers_layout)
     combined = TensorSource(base.path, base.format, dict(base.tensors), dict(base.metadata), dict(base.non_tensors),
                             base.root)
@@ -77,6 +82,7 @@ def merge_adapters(plan: Plan, base: TensorSource, family: str, diffusers_layout
                     plan.dropped.update({names[f]: "unmatched LoRA module (--allow-unmatched)"
                                          for f in module.factors.values()})
                     continue
+                target = replace(target, tensor=(read_as or {}).get(target.tensor, target.tensor))
                 patch = _patch(source, adapter, module, target, names, ratio)
                 patches.setdefault(target.tensor, []).append(patch)
                 report.applied[(module.component, module_kind(source, module))] += 1
