@@ -329,3 +329,41 @@ def test_the_demo_makes_a_checkpoint_a_half_precision_file_and_a_pipeline_that_d
                                                              local_files_only=True)
     ref = torch.load(tmp_path / "demo" / "demo-sd1.ckpt", weights_only=True)["state_dict"]
     assert torch.equal(pipe.unet.conv_in.weight, ref["model.diffusion_model.input_blocks.0.0.weight"])
+
+
+def test_an_output_folder_that_holds_the_input_is_refused_even_with_force(sd1_single, tmp_path) -> None:
+    import shutil
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    src = folder / "in.safetensors"
+    shutil.copy(sd1_single, src)
+    r = run_cli("convert", src, folder, "--force")
+    assert r.code == 2 and "would overwrite the input" in r.err and src.exists()
+
+
+def test_components_choose_parts_of_a_folder_for_a_single_file(sd1_single, tmp_path) -> None:
+    assert run_cli("convert", sd1_single, tmp_path / "d").code == 0
+    r = run_cli("convert", tmp_path / "d", tmp_path / "u.safetensors", "--components", "unet", "--report")
+    assert r.code == 0, r.err
+    assert "text_encoder left out (--components)" in r.out and "vae left out (--components)" in r.out
+    with safetensors.safe_open(str(tmp_path / "u.safetensors"), "np") as f:
+        assert {k.split(".")[0] for k in f.keys()} == {"model"}
+
+
+def test_ctrl_c_while_swapping_folders_puts_the_old_one_back(sd1_single, tmp_path, monkeypatch) -> None:
+    out = tmp_path / "out"
+    sdport.convert(sd1_single, out)
+    before = _tree(out)
+    rename = os.rename
+
+    def interrupted(src, dst):
+        if ".sdport-" in os.fspath(src) and "-old-" not in os.fspath(src):
+            raise KeyboardInterrupt
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sdport.convert(sd1_single, out, force=True, dtype="fp16")
+    monkeypatch.undo()
+    assert _tree(out) == before and leftovers(tmp_path) == []

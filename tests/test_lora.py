@@ -356,3 +356,69 @@ def test_loha_and_lokr_modules_equal_lycoris_own_rebuild(setup, tmp_path) -> Non
         torch.testing.assert_close(got[key], base[key] + 0.6 * delta.reshape(base[key].shape), rtol=1e-5,
                                    atol=1e-5)
     assert sdport.inspect(path)["adapter"]["kinds"] == {"loha": 2, "lokr": 2}
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_loras_saved_by_diffusers_itself_merge_at_their_strength(setup, tmp_path, rslora) -> None:
+    if setup["name"] != "sd1":
+        pytest.skip("one family is enough for the metadata convention")
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = setup["cls"].from_pretrained(setup["ref"])
+    config = LoraConfig(r=4, lora_alpha=12, target_modules=["to_q", "to_v", "proj_in"], init_lora_weights=False,
+                        use_rslora=rslora)
+    pipe.unet.add_adapter(config)
+    setup["cls"].save_lora_weights(str(tmp_path / "d"), unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+                                   unet_lora_adapter_metadata=config.to_dict())
+    lora = str(tmp_path / "d" / "pytorch_lora_weights.safetensors")
+    with safetensors.safe_open(lora, "np") as f:
+        assert "unet.lora_alpha" in f.metadata()["lora_adapter_metadata"]  # diffusers' flat, prefixed keys
+    oracle = setup["cls"].from_pretrained(setup["ref"])
+    oracle.load_lora_weights(lora)
+    oracle.fuse_lora(lora_scale=0.8)
+    oracle.unload_lora_weights()
+    assert run_cli("convert", setup["ref"], tmp_path / "m", "--lora", f"{lora}:0.8").code == 0
+    ours = setup["cls"].from_pretrained(str(tmp_path / "m")).unet.state_dict()
+    want, base = oracle.unet.state_dict(), setup["pipe"].unet.state_dict()
+    changed = [k for k in want if not torch.equal(want[k], base[k])]
+    assert len(changed) > 10
+    for k in changed:
+        torch.testing.assert_close(ours[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+def test_folders_with_bin_weights_and_symlinked_configs_stay_loadable(setup, tmp_path) -> None:
+    if setup["name"] != "sd1":
+        pytest.skip("one family is enough for the folder layout")
+    linked = tmp_path / "linked"
+    for folder, _, names in os.walk(setup["ref"]):  # a Hugging Face cache: every file a symlink to its blob
+        rel = os.path.relpath(folder, setup["ref"])
+        os.makedirs(linked / rel, exist_ok=True)
+        for n in names:
+            os.symlink(os.path.join(folder, n), linked / rel / n)
+    te = linked / "text_encoder"
+    os.unlink(te / "model.safetensors")
+    state = {k if k.startswith("text_model.") else "text_model." + k: v.contiguous()
+             for k, v in setup["pipe"].text_encoder.state_dict().items()}
+    torch.save(state, te / "pytorch_model.bin")  # what transformers 4 wrote before safetensors
+    r = run_cli("convert", linked, tmp_path / "m", "--lora", f"{setup['lora']}:0.7")
+    assert r.code == 0, r.err
+    assert sorted(os.listdir(tmp_path / "m" / "text_encoder")) == ["config.json", "model.safetensors"]
+    ours = setup["cls"].from_pretrained(str(tmp_path / "m"), local_files_only=True)
+    merged = setup["cls"].from_pretrained(setup["merged"])
+    assert all(torch.equal(a, b) for a, b in zip(ours.text_encoder.state_dict().values(),
+                                                 merged.text_encoder.state_dict().values(), strict=True))
+
+
+def test_odd_ratios_and_transposed_factors_are_refused(setup, tmp_path) -> None:
+    out = tmp_path / "x"
+    _refused(run_cli("convert", setup["ref"], out, "--lora", f"{setup['lora']}:inf"), setup["lora"], "not a finite",
+             str(out))
+    sd = safetensors.torch.load_file(setup["lora"])
+    key = next(k for k in sd if k.endswith("attn2_to_k.lora_up.weight"))  # [width, context]: not square
+    down = key.replace("lora_up", "lora_down")
+    up_t, down_t = sd[down].T.contiguous(), sd[key].T.contiguous()  # ΔW transposed: same element count
+    assert up_t.shape[0] != sd[key].shape[0]
+    safetensors.torch.save_file({**sd, key: up_t, down: down_t}, str(tmp_path / "t.safetensors"))
+    _refused(run_cli("convert", setup["ref"], out, "--lora", tmp_path / "t.safetensors"),
+             str(tmp_path / "t.safetensors"), "does not fit", str(out))

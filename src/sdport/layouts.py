@@ -9,6 +9,7 @@ reason, or left unused so that plan validation names it as unknown.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from .errors import SdportError
@@ -117,9 +118,12 @@ def to_diffusers(source: TensorSource, family_name: str, request: LayoutRequest,
         plan.dropped.update({prefix + k: v for k, v in links.dropped.items()})
         shapes_by_component[part.component] = {t.name: t.shape for t in outputs}
         layouts[part.component] = layout
-    if has_ema and not request.ema:
-        plan.dropped.update({k: "EMA copy of the UNet (pass --ema to convert it instead)"
-                             for k in source.tensors if k.startswith("model_ema.") and k not in plan.dropped})
+    if has_ema:
+        used = {i for f in plan.files for t in f.tensors for i in t.inputs}
+        why = ("EMA copy of the UNet, left out with it (--components)" if request.ema else
+               "EMA copy of the UNet (pass --ema to convert it instead)")
+        plan.dropped.update({k: why for k in source.tensors
+                             if k.startswith("model_ema.") and k not in plan.dropped and k not in used})
     if family.name in PIPELINES:
         _drop_other_parts(source, family, request, plan)
     plan.extra = pipeline_files(family_name, shapes_by_component, layouts,
@@ -145,10 +149,13 @@ def to_single_file(source: TensorSource, family_name: str, request: LayoutReques
         tensors += [derive(part.ldm_prefix + link.out, request.dtype, source, tuple(prefix + i for i in link.inputs),
                            link.op, link.args) for link in links.links]
         plan.dropped.update({prefix + k: v for k, v in links.dropped.items()})
+    chosen = {p.component for p in _parts(family, request)}
     for k in source.tensors:
         component = k.split(".", 1)[0]
         if component in ("safety_checker", "image_encoder", "feature_extractor"):
             plan.dropped[k] = f"{component}: not part of an original single file"
+        elif family_name in PIPELINES and family.part(component) and component not in chosen:
+            plan.dropped[k] = f"{component} left out (--components)"
     root = "state_dict" if request.fmt == "ckpt" and family_name in PIPELINES else ""
     metadata = {"format": "pt", **_modelspec(source)} if request.fmt == "safetensors" else {}
     plan.files.append(OutputFile(".", request.fmt, tensors, metadata, root))
@@ -175,10 +182,18 @@ def _check_text_encoder(source: TensorSource, family: Family, part: Part, prefix
 def folder_plan(source: TensorSource, dtype: str | None) -> Plan:
     """A diffusers folder rewritten as itself (to merge adapters into it): same files, same names, configs copied."""
     files: dict[str, OutputFile] = {}
+    sharded_bin = [i.file for i in source.tensors.values() if re.search(r"-\d+-of-\d+\.bin$", i.file)]
+    if sharded_bin:
+        raise SdportError(sharded_bin[0], "sharded .bin weights cannot be rewritten in place",
+                          "convert the folder to a single file first, then back to a folder")
     for name, info in source.tensors.items():
         relative = os.path.relpath(info.file, source.path)
         component = os.path.dirname(relative)
-        out = relative[:-len(".bin")] + ".safetensors" if relative.endswith(".bin") else relative
+        out = relative
+        if relative.endswith(".bin"):  # the names loaders look for: pytorch_model.bin → model.safetensors
+            folder, base = os.path.split(relative[:-len(".bin")])
+            base = "model" + base[len("pytorch_model"):] if base.startswith("pytorch_model") else base
+            out = os.path.join(folder, base + ".safetensors")
         inner = name[len(component) + 1:] if component else name
         files.setdefault(out, OutputFile(out, "safetensors", [], {"format": "pt", **_modelspec(source)}))
         files[out].tensors.append(derive(inner, dtype, source, (name,)))
@@ -188,9 +203,9 @@ def folder_plan(source: TensorSource, dtype: str | None) -> Plan:
         for n in names:
             full = os.path.join(folder, n)
             # configs, tokenizers, safetensors shard indexes (a .bin index would name files that are renamed)
+            # (followed through symlinks: a Hugging Face cache snapshot links every file to its blob)
             small = n.endswith((".json", ".txt")) and not n.endswith(".bin.index.json")
-            if small and os.path.getsize(full) < 16 << 20 and os.path.realpath(full) not in weights \
-                    and not os.path.islink(full):
+            if small and os.path.getsize(full) < 16 << 20 and os.path.realpath(full) not in weights:
                 with open(full, "rb") as f:
                     plan.extra[os.path.relpath(full, source.path)] = f.read()
     return plan

@@ -113,11 +113,13 @@ def delta_shape(kind: str, s: dict[str, Shape]) -> Shape | None:
 
 
 def fits(patch: Patch, target: Shape, factor_shapes: Sequence[Shape]) -> bool:
-    """Whether the patch's ΔW has exactly as many elements as its target (or target row block)."""
+    """Whether the patch's ΔW has its target's (or target row block's) rows and element count."""
     shape = delta_shape(patch.kind, dict(zip(patch.roles, factor_shapes, strict=True)))
     if shape is None or (patch.rows and target[0] % patch.rows[1]):
         return False
-    return math.prod(shape) == math.prod(target) // (patch.rows[1] if patch.rows else 1)
+    parts = patch.rows[1] if patch.rows else 1
+    # the output width must match too, not only the element count, or a transposed update would scramble W
+    return shape[0] == target[0] // parts and math.prod(shape) == math.prod(target) // parts
 
 
 def apply(weight: np.ndarray, patch: Patch, factors: Sequence[np.ndarray]) -> np.ndarray:

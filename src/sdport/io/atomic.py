@@ -63,9 +63,11 @@ def fsync_dir(folder: str) -> None:
 def check_target(target: str, *, force: bool, inputs: list[str], need_bytes: int = 0) -> None:
     """Refuse a target that exists (without ``force``), that is an input, or that will not fit."""
     target = os.path.abspath(target)
+    real_target = os.path.realpath(target)
     for src in inputs:
         same = os.path.exists(target) and os.path.samefile(src, target)
-        if same or os.path.realpath(target) == os.path.realpath(src):
+        inside = os.path.commonpath([os.path.realpath(src), real_target]) == real_target
+        if same or inside:  # replacing a folder that holds an input would delete the input
             raise OutputError(target, "output would overwrite the input", "choose another output path")
     if os.path.lexists(target) and not force:
         raise OutputError(target, "output already exists", "pass --force to replace it")
@@ -195,7 +197,11 @@ class AtomicDir(_Atomic):
             raise disk_error(self.target, exc) from exc
 
     def commit(self) -> None:
-        """Flush every folder, then swap the new folder in; on failure the old target is put back."""
+        """Flush every folder, then swap the new folder in; on any failure or signal the old target is put back.
+
+        The old folder waits under a name the stale-temp cleaner never deletes (``.<name>.sdport-old-…``),
+        so even a ``kill -9`` between the two renames loses nothing.
+        """
         if os.path.lexists(self.target) and not self.force:
             self.abort()
             raise OutputError(self.target, "output already exists", "pass --force to replace it")
@@ -204,14 +210,16 @@ class AtomicDir(_Atomic):
             for folder, _, _ in os.walk(self.tmp):
                 fsync_dir(folder)
             if os.path.lexists(self.target):
-                old = temp_name(self.target)
+                old = temp_name(self.target).replace(".sdport-", ".sdport-old-")
                 os.rename(self.target, old)
             os.rename(self.tmp, self.target)
-        except OSError as exc:
+        except BaseException as exc:
             if old is not None and not os.path.lexists(self.target):
                 os.rename(old, self.target)
             self.abort()
-            raise disk_error(self.target, exc) from exc
+            if isinstance(exc, OSError):
+                raise disk_error(self.target, exc) from exc
+            raise
         self.done = True
         fsync_dir(os.path.dirname(self.target))
         if old is not None:

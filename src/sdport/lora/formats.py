@@ -36,7 +36,7 @@ REQUIRED = {"lora": (("up",), ("down",)), "loha": (("w1a",), ("w1b",), ("w2a",),
 
 _KOHYA = re.compile(r"(lora_(unet|te1|te2|te))_(.+)\.(" + "|".join(re.escape(k) for k in ROLES) + r"|alpha)")
 _PEFT = re.compile(r"(?:base_model\.model\.)?(?:(unet|text_encoder_2|text_encoder)\.)?(.+)\.(lora_A|lora_B)\.weight")
-_ALPHA = re.compile(r"(?:(unet|text_encoder_2|text_encoder)\.)?(.+)\.alpha")
+_ALPHA = re.compile(r"(?:base_model\.model\.)?(?:(unet|text_encoder_2|text_encoder)\.)?(.+)\.alpha")
 _OLD = re.compile(r"(?:(unet|text_encoder_2|text_encoder)\.)?(.+?)\.(?:processor\.)?(to_q|to_k|to_v|to_out)_lora"
                   r"\.(up|down)\.weight")
 
@@ -59,6 +59,7 @@ class Module:
     factors: dict[str, str] = field(default_factory=dict)  # role (patches.delta) → tensor name
     alpha: float | None = None
     kind: str = "lora"  # lora (LoCon, Tucker), loha, lokr
+    rslora: bool = False  # PEFT's use_rslora: the scale is alpha / sqrt(rank)
 
     def rank(self, source: TensorSource) -> int | None:
         """The rank alpha is divided by; None for a LoKr whose halves are both full (scale 1)."""
@@ -121,6 +122,7 @@ def _kohya(source: TensorSource, names: list[str], alphas: dict[str, float]) -> 
 def _peft(source: TensorSource, names: list[str], alphas: dict[str, float]) -> Adapter:
     config = _peft_metadata(source)
     modules: dict[tuple[str, str], Module] = {}
+    stored: dict[tuple[str, str], float] = {}
     alpha_keys = []
     for name in names:
         m = _PEFT.fullmatch(name)
@@ -133,9 +135,11 @@ def _peft(source: TensorSource, names: list[str], alphas: dict[str, float]) -> A
         if a is None:
             raise FormatError(source.path, f"tensor '{name}' is not a PEFT LoRA tensor", "the file mixes formats")
         alpha_keys.append(name)
+        stored[(a[1] or _guess_component(a[2]), a[2])] = alphas[name]
     for (component, path), mod in modules.items():
-        key = f"{component}.{path}.alpha" if f"{component}.{path}.alpha" in alphas else f"{path}.alpha"
-        mod.alpha = alphas.get(key, _metadata_alpha(config.get(component, {}), path))
+        component_config = config.get(component, {})
+        mod.alpha = stored.get((component, path), _metadata_alpha(component_config, path))
+        mod.rslora = bool(component_config.get("use_rslora"))
     return Adapter(source.path, "peft", _complete(source, modules), alpha_keys)
 
 
@@ -179,7 +183,14 @@ def _peft_metadata(source: TensorSource) -> dict[str, dict]:
         return {}
     if "lora_alpha" in doc or "r" in doc:  # one config for the whole file
         return dict.fromkeys(COMPONENTS, doc)
-    return {k.split(".")[0]: v for k, v in doc.items() if isinstance(v, dict)}
+    configs: dict[str, dict] = {}
+    for key, value in doc.items():
+        component, _, field_name = key.partition(".")
+        if component in COMPONENTS and field_name:  # diffusers writes flat "unet.lora_alpha", "unet.r" …
+            configs.setdefault(component, {})[field_name] = value
+        elif component in COMPONENTS and isinstance(value, dict):  # or one dict per component
+            configs.setdefault(component, {}).update(value)
+    return configs
 
 
 def _metadata_alpha(config: dict, path: str) -> float | None:

@@ -9,6 +9,7 @@ the user allows unmatched ones.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -44,9 +45,12 @@ def parse_spec(spec: str) -> tuple[str, float]:
     path, sep, ratio = spec.rpartition(":")
     if sep and path and not os.path.exists(spec):
         try:
-            return path, float(ratio)
+            value = float(ratio)
         except ValueError:
-            pass
+            return spec, 1.0
+        if not math.isfinite(value):
+            raise SdportError(path, f"ratio {ratio!r} is not a finite number", "write FILE:0.8")
+        return path, value
     return spec, 1.0
 
 
@@ -97,7 +101,8 @@ def _patch(source: TensorSource, adapter: Adapter, module: Module, target: Targe
     roles = tuple(module.factors)
     rank = module.rank(source)
     # alpha missing or 0 means alpha = rank, as kohya and LyCORIS read it; a LoKr of two full halves has no rank
-    scale = ratio * ((module.alpha or rank) / rank if rank else 1.0)
+    divisor = (math.sqrt(rank) if module.rslora else rank) if rank else None
+    scale = ratio * ((module.alpha or rank) / divisor if divisor else 1.0)
     patch = Patch(target.tensor, tuple(names[module.factors[r]] for r in roles), roles, scale, module.kind,
                   target.rows)
     shapes = [source.tensors[module.factors[r]].shape for r in roles]
