@@ -66,8 +66,17 @@ def part_links(part: Part, shapes: dict[str, tuple[int, ...]], to_diffusers: boo
     return clip.openclip_to_ldm(names), None
 
 
-def find_prefix(source: TensorSource, candidates: tuple[str, ...], probe: str | None) -> str | None:
-    """The first candidate prefix under which ``probe`` exists (or, without a probe, any tensor does)."""
+def part_prefix(source: TensorSource, family: Family, part: Part, diffusers_layout: bool) -> str | None:
+    """Where ``part``'s tensors start in ``source`` (``model.diffusion_model.``, ``unet.``, "" …), or None if absent.
+
+    Original files: the part's prefix (a VAE or ControlNet alone may have another or none). diffusers:
+    the component's folder name, or none for a component folder of its own.
+    """
+    if diffusers_layout:
+        alone = ("",) if family.name not in PIPELINES else ()
+        candidates, probe = (part.component + ".", *alone), PROBES.get(part.kind, (None, None))[1]
+    else:
+        candidates, probe = LDM_PREFIXES.get(part.kind, (part.ldm_prefix,)), PROBES.get(part.kind, (None,))[0]
     for p in candidates:
         if probe is None and any(k.startswith(p) for k in source.tensors) or probe and p + probe in source.tensors:
             return p
@@ -96,7 +105,7 @@ def to_diffusers(source: TensorSource, family_name: str, request: LayoutRequest,
     shapes_by_component, layouts = {}, {}
     has_ema = sum(k.startswith("model_ema.") for k in source.tensors) > 100
     for part in _parts(family, request):
-        prefix = find_prefix(source, LDM_PREFIXES.get(part.kind, (part.ldm_prefix,)), PROBES.get(part.kind, (None,))[0])
+        prefix = part_prefix(source, family, part, False)
         if prefix is None:
             raise SdportError(source.path, f"no {part.component} weights in this {family.name} file",
                               f"pass --components without {part.component}")
@@ -138,9 +147,7 @@ def to_single_file(source: TensorSource, family_name: str, request: LayoutReques
     tensors: list[OutputTensor] = []
     plan = Plan(files=[])
     for part in _parts(family, request):
-        probe = PROBES.get(part.kind, (None, None))[1]
-        alone = ("",) if family.name not in PIPELINES else ()  # a component folder's names have no prefix
-        prefix = find_prefix(source, (part.component + ".", *alone), probe)
+        prefix = part_prefix(source, family, part, True)
         if prefix is None:
             raise SdportError(source.path, f"no {part.component} weights in this folder",
                               f"pass --components without {part.component}")

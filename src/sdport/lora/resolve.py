@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..families import FAMILIES, PIPELINES, Family, Part
+from ..families import FAMILIES, Part
 from ..io.base import TensorSource
-from ..layouts import LDM_PREFIXES, PROBES, find_prefix, part_links
+from ..layouts import part_links, part_prefix
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def build_index(source: TensorSource, family_name: str, diffusers_layout: bool) 
     for part in family.parts:
         if part.kind not in ("unet", "clip-l", "openclip"):
             continue
-        prefix = _prefix(source, family, part, diffusers_layout)
+        prefix = part_prefix(source, family, part, diffusers_layout)
         if prefix is None:
             continue
         shapes = {k[len(prefix):]: i.shape for k, i in source.tensors.items() if k.startswith(prefix)}
@@ -89,9 +89,3 @@ def _add(index: dict[str, Target], part: Part, diffusers_name: str, ldm_name: st
     for name in _kohya_names(part, module, ldm_module):
         index.setdefault(name, target)
 
-
-def _prefix(source: TensorSource, family: Family, part: Part, diffusers_layout: bool) -> str | None:
-    if diffusers_layout:
-        alone = ("",) if family.name not in PIPELINES else ()
-        return find_prefix(source, (part.component + ".", *alone), PROBES.get(part.kind, (None, None))[1])
-    return find_prefix(source, LDM_PREFIXES.get(part.kind, (part.ldm_prefix,)), PROBES.get(part.kind, (None,))[0])
