@@ -229,10 +229,12 @@ def test_bad_adapters_are_refused_with_one_line_and_nothing_written(setup, tmp_p
              str(tmp_path / "extra.safetensors"), "unet:nowhere", out)
     r = run_cli("convert", setup["ref"], out, "--lora", tmp_path / "extra.safetensors", "--allow-unmatched", "--report")
     assert r.code == 0 and "1 unmatched" in r.out and "unmatched unet:nowhere" in r.out
-    # a factor of the wrong size, a DoRA module (not merged yet), an incomplete LoHa module, a NaN alpha
+    # a factor of the wrong size, a DoRA magnitude of the wrong size, OFT (not merged), an incomplete LoHa, a NaN alpha
     up = next(k for k in sd if k.endswith("lora_up.weight") and sd[k].ndim == 2)
     cases = {"wrong.safetensors": ({**sd, up: torch.zeros(sd[up].shape[0] + 1, sd[up].shape[1])}, "does not fit"),
-             "dora.safetensors": ({**sd, up.replace("lora_up.weight", "dora_scale"): torch.zeros(2, 1)}, "DoRA"),
+             "dora.safetensors": ({**sd, up.replace("lora_up.weight", "dora_scale"): torch.zeros(2, 1)},
+                                  "does not fit"),
+             "oft.safetensors": ({**sd, "lora_unet_x.oft_blocks": torch.zeros(2, 4, 4)}, "uses OFT"),
              "half-loha.safetensors": ({**sd, "lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, "lacks some of its"),
              "nan.safetensors": ({**sd, up.replace("lora_up.weight", "alpha"): torch.tensor(float("nan"))}, "nan")}
     for name, (state, words) in cases.items():
@@ -301,11 +303,10 @@ def test_inspect_describes_an_adapter_per_component(setup, tmp_path) -> None:
         assert sdport.inspect(str(tmp_path / "w.safetensors"))["adapter"]["base_family"] == family
     assert a["components"]["unet"]["ranks"] == [4] and a["components"]["unet"]["alphas"] == [2.0]
     assert a["components"]["text_encoder"]["ranks"] == [2] and set(a["kinds"]) == {"lora", "locon"}
-    dora = {"lora_unet_x.lora_up.weight": torch.zeros(2, 2), "lora_unet_x.lora_down.weight": torch.zeros(2, 2),
-            "lora_unet_x.dora_scale": torch.zeros(2, 1)}
-    safetensors.torch.save_file(dora, str(tmp_path / "dora.safetensors"))
-    dora = sdport.inspect(str(tmp_path / "dora.safetensors"))["adapter"]
-    assert not dora["mergeable"] and dora["algorithms"] == ["DoRA"]
+    oft = {"lora_unet_x.oft_blocks": torch.zeros(2, 4, 4), "lora_unet_x.alpha": torch.tensor(1.0)}
+    safetensors.torch.save_file(oft, str(tmp_path / "oft.safetensors"))
+    oft = sdport.inspect(str(tmp_path / "oft.safetensors"))["adapter"]
+    assert not oft["mergeable"] and oft["algorithms"] == ["OFT"]
     r = run_cli("inspect", setup["lora"])
     assert r.code == 0 and f"kohya, {len(setup['modules'])} modules" in r.out
 
@@ -358,8 +359,8 @@ def test_loha_and_lokr_modules_equal_lycoris_own_rebuild(setup, tmp_path) -> Non
     assert sdport.inspect(path)["adapter"]["kinds"] == {"loha": 2, "lokr": 2}
 
 
-@pytest.mark.parametrize("rslora", [False, True])
-def test_loras_saved_by_diffusers_itself_merge_at_their_strength(setup, tmp_path, rslora) -> None:
+@pytest.mark.parametrize("variant", ["plain", "rslora", "dora"])
+def test_loras_saved_by_diffusers_itself_merge_at_their_strength(setup, tmp_path, variant) -> None:
     if setup["name"] != "sd1":
         pytest.skip("one family is enough for the metadata convention")
     from peft import LoraConfig
@@ -367,8 +368,15 @@ def test_loras_saved_by_diffusers_itself_merge_at_their_strength(setup, tmp_path
 
     pipe = setup["cls"].from_pretrained(setup["ref"])
     config = LoraConfig(r=4, lora_alpha=12, target_modules=["to_q", "to_v", "proj_in"], init_lora_weights=False,
-                        use_rslora=rslora)
+                        use_rslora=variant == "rslora", use_dora=variant == "dora")
     pipe.unet.add_adapter(config)
+    # PEFT starts DoRA's magnitude at the norm of the merged weight, a no-op: move it, so it must be applied
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))
+    ratio = 1.0 if variant == "dora" else 0.8  # DoRA at other strengths: PEFT rescales ΔW, sdport interpolates
     setup["cls"].save_lora_weights(str(tmp_path / "d"), unet_lora_layers=get_peft_model_state_dict(pipe.unet),
                                    unet_lora_adapter_metadata=config.to_dict())
     lora = str(tmp_path / "d" / "pytorch_lora_weights.safetensors")
@@ -376,9 +384,10 @@ def test_loras_saved_by_diffusers_itself_merge_at_their_strength(setup, tmp_path
         assert "unet.lora_alpha" in f.metadata()["lora_adapter_metadata"]  # diffusers' flat, prefixed keys
     oracle = setup["cls"].from_pretrained(setup["ref"])
     oracle.load_lora_weights(lora)
-    oracle.fuse_lora(lora_scale=0.8)
+    oracle.fuse_lora(lora_scale=ratio)
     oracle.unload_lora_weights()
-    assert run_cli("convert", setup["ref"], tmp_path / "m", "--lora", f"{lora}:0.8").code == 0
+    r = run_cli("convert", setup["ref"], tmp_path / "m", "--lora", f"{lora}:{ratio}", "--report")
+    assert r.code == 0 and ("unet lora+dora " in r.out) == (variant == "dora"), r.err + r.out
     ours = setup["cls"].from_pretrained(str(tmp_path / "m")).unet.state_dict()
     want, base = oracle.unet.state_dict(), setup["pipe"].unet.state_dict()
     changed = [k for k in want if not torch.equal(want[k], base[k])]

@@ -66,12 +66,14 @@ SIGNATURES: tuple[Signature, ...] = (
                                    r"(vae\.)?decoder\.conv_out\.weight", r"(vae\.)?quant_conv\.weight"),
               none_of=(r"unet\..*",)),
     Signature("lora", "adapter",
-              (r".*[._](lora_down|lora_A|lora\.down|hada_w1_a|lokr_w1|lokr_w1_a)(\.[A-Za-z_]+)?(\.weight)?",)),
+              (r".*[._](lora_down|lora_A|lora\.down|hada_w1_a|lokr_w1|lokr_w1_a)(\.[A-Za-z_]+)?(\.weight)?"
+               r"|(lora_unet|lora_te\d?|lycoris|oft_unet)_[^.]+\.(on_input|diff|diff_b|w_norm|b_norm|oft_blocks)",)),
 )
 
 #: adapter naming schemes, first match wins (refined by the LoRA work)
 ADAPTER_FORMATS: tuple[tuple[str, str], ...] = (
-    ("lycoris", r".*\.(hada_w1_a|lokr_w1|lokr_w1_a|lokr_w2)(\.weight)?"),
+    ("lycoris", r".*\.(hada_w1_a|lokr_w1|lokr_w1_a|lokr_w2|on_input|diff|w_norm|b_norm|dora_scale|oft_blocks)"
+                r"(\.weight)?|lycoris_.*"),
     ("kohya", r"lora_(unet|te\d?)_.*\.(lora_down|lora_up)\.weight"),
     ("peft", r".*\.lora_[AB](\.[A-Za-z_]+)?\.weight"),
     ("diffusers-old", r".*\.processor\..*_lora\.(up|down)\.weight"),

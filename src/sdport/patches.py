@@ -6,10 +6,17 @@ A patch names its factor tensors by role; ``kind`` says how they make ΔW (alway
   the Tucker contraction around ``mid``;
 - ``loha``: ``w1a``, ``w1b``, ``w2a``, ``w2b`` [, ``t1``, ``t2``] — ``(w1a @ w1b) ⊙ (w2a @ w2b)``, each half
   contracted around its Tucker core when it has one;
-- ``lokr``: ``w1`` or ``w1a``+``w1b``, and ``w2`` or ``w2a``+``w2b`` [+ ``t2``] — ``kron(w1, w2)``.
+- ``lokr``: ``w1`` or ``w1a``+``w1b``, and ``w2`` or ``w2a``+``w2b`` [+ ``t2``] — ``kron(w1, w2)``;
+- ``diff``: ``diff`` — ΔW itself (LyCORIS full/diff, ``diff_b`` biases, norm ``w_norm``/``b_norm``);
+- ``ia3`` / ``ia3-in``: ``w`` — not added but multiplied: each output row (input column) times ``1 + ratio·w``.
 
 ΔW is reshaped to the target (or to one row block of it, for q, k or v of a fused ``in_proj``),
-scaled, and added. ``delta_shape`` computes ΔW's shape without data, so plans are checked first.
+scaled by ``scale`` (alpha/rank) and ``ratio`` (the user's strength), and added. With a ``dora``
+factor (LyCORIS DoRA's ``dora_scale``) the weight is instead ``V = W + scale·ΔW`` renormalised to
+that magnitude per output row or input column (the factor's shape says which; a ``magnitude``
+factor, PEFT's ``lora_magnitude_vector``, is always per output row), and ``ratio`` interpolates
+between W and that, as A1111 and ComfyUI apply it. ``delta_shape`` computes ΔW's shape without data, so
+plans are checked first.
 """
 
 from __future__ import annotations
@@ -23,11 +30,13 @@ import numpy as np
 from .dtypes import cast
 
 Shape = tuple[int, ...]
+#: DoRA magnitude roles: LyCORIS ``dora_scale`` (axis from its shape) and PEFT's magnitude (output rows)
+MAGNITUDES = ("dora", "magnitude")
 
 
 @dataclass(frozen=True)
 class Patch:
-    """``scale · ΔW`` added, in fp32, to input ``target`` of an output tensor before its op.
+    """``ratio · scale · ΔW`` added, in fp32, to input ``target`` of an output tensor before its op.
 
     With ``rows = (k, parts)`` only the k-th of ``parts`` equal row blocks is updated.
     """
@@ -38,6 +47,7 @@ class Patch:
     scale: float
     kind: str = "lora"
     rows: tuple[int, int] | None = None
+    ratio: float = 1.0
 
 
 def _tucker(core: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -53,6 +63,8 @@ def _product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def delta(kind: str, f: dict[str, np.ndarray]) -> np.ndarray:
     """ΔW of one patch from its factors by role, in fp32."""
     f = {k: cast(v, "F32") for k, v in f.items()}
+    if kind == "diff":
+        return f["diff"]
     if kind == "lora":
         if "mid" in f:
             return np.einsum("mnkl,im,nj->ijkl", f["mid"], f["up"].reshape(f["up"].shape[0], -1),
@@ -78,6 +90,8 @@ def delta(kind: str, f: dict[str, np.ndarray]) -> np.ndarray:
 def delta_shape(kind: str, s: dict[str, Shape]) -> Shape | None:
     """The shape ``delta`` will have for factors of these shapes, or None when they do not fit together."""
     try:
+        if kind == "diff":
+            return s["diff"]
         if kind == "lora":
             up, down = s["up"], s["down"]
             if "mid" in s:
@@ -114,20 +128,54 @@ def delta_shape(kind: str, s: dict[str, Shape]) -> Shape | None:
 
 def fits(patch: Patch, target: Shape, factor_shapes: Sequence[Shape]) -> bool:
     """Whether the patch's ΔW has its target's (or target row block's) rows and element count."""
-    shape = delta_shape(patch.kind, dict(zip(patch.roles, factor_shapes, strict=True)))
-    if shape is None or (patch.rows and target[0] % patch.rows[1]):
-        return False
+    shapes = dict(zip(patch.roles, factor_shapes, strict=True))
     parts = patch.rows[1] if patch.rows else 1
+    if target[0] % parts:
+        return False
+    block = (target[0] // parts, *target[1:])
+    if patch.kind in ("ia3", "ia3-in"):
+        axis = 0 if patch.kind == "ia3" else 1
+        return len(block) > axis and math.prod(shapes["w"]) == block[axis]
+    if "dora" in shapes and _dora_axis(shapes["dora"], block) is None:
+        return False
+    if "magnitude" in shapes and math.prod(shapes["magnitude"]) != block[0]:
+        return False
+    shape = delta_shape(patch.kind, {k: v for k, v in shapes.items() if k not in MAGNITUDES})
     # the output width must match too, not only the element count, or a transposed update would scramble W
-    return shape[0] == target[0] // parts and math.prod(shape) == math.prod(target) // parts
+    return shape is not None and shape[0] == block[0] and math.prod(shape) == math.prod(block)
+
+
+def _dora_axis(magnitude: Shape, block: Shape) -> int | None:
+    """0 when a DoRA magnitude norms output rows (PEFT, LyCORIS ≥ 3.1.1), 1 for input columns (older LyCORIS)."""
+    n = math.prod(magnitude)
+    if n == block[0] and (len(magnitude) == 1 or magnitude[0] == block[0]):
+        return 0
+    if len(block) > 1 and n == block[1] and len(magnitude) > 1 and magnitude[1] == block[1]:
+        return 1
+    return None
 
 
 def apply(weight: np.ndarray, patch: Patch, factors: Sequence[np.ndarray]) -> np.ndarray:
-    """``weight`` in fp32 with the patch's scaled ΔW added (a new array; ``weight`` is never changed)."""
+    """``weight`` in fp32 with the patch applied (a new array; ``weight`` is never changed)."""
     out = cast(weight, "F32")
     if out is weight:
         out = out.copy()
     block = out if patch.rows is None else out.reshape(patch.rows[1], -1, *out.shape[1:])[patch.rows[0]]
-    block += np.float32(patch.scale) * delta(patch.kind, dict(zip(patch.roles, factors, strict=True))).reshape(
-        block.shape)
+    f = dict(zip(patch.roles, factors, strict=True))
+    if patch.kind in ("ia3", "ia3-in"):
+        axis = 0 if patch.kind == "ia3" else 1
+        shape = [1] * block.ndim
+        shape[axis] = -1
+        block *= 1 + np.float32(patch.ratio) * cast(f["w"], "F32").reshape(shape)
+        return out
+    magnitude, role = next(((f.pop(r), r) for r in MAGNITUDES if r in f), (None, ""))
+    d = delta(patch.kind, f).reshape(block.shape)
+    if magnitude is None:
+        block += np.float32(patch.ratio * patch.scale) * d
+        return out
+    v = block + np.float32(patch.scale) * d
+    axis = _dora_axis(magnitude.shape, block.shape) if role == "dora" else 0
+    norm = np.sqrt(np.sum(np.square(v), axis=tuple(k for k in range(v.ndim) if k != axis), keepdims=True))
+    g = cast(magnitude, "F32").reshape(norm.shape)
+    block += np.float32(patch.ratio) * (g * v / (norm + np.finfo(np.float32).eps) - block)
     return out

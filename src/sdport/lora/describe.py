@@ -30,8 +30,9 @@ def describe(source: TensorSource) -> dict[str, Any]:
         kinds[module_kind(source, m)] += 1
         entry = components.setdefault(m.component, {"modules": 0, "ranks": set(), "alphas": set()})
         entry["modules"] += 1
-        entry["ranks"].add(rank if rank else "full")
-        entry["alphas"].add(m.alpha if m.alpha else float(rank or 0))
+        if m.kind in ("lora", "loha", "lokr"):  # (IA)³, diff and norm modules have neither rank nor alpha
+            entry["ranks"].add(rank if rank else "full")
+            entry["alphas"].add(m.alpha if m.alpha else float(rank or 0))
     report.update(mergeable=True, format=adapter.format, modules=len(adapter.modules),
                   algorithms=sorted(kinds), kinds=dict(sorted(kinds.items())),
                   base_family=base_family(source, adapter) or "unknown",

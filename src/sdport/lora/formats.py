@@ -1,10 +1,12 @@
 """Adapter files → canonical ``Module``s: which module of which component, its factor tensors and its alpha.
 
-Formats read: kohya / A1111 (``lora_unet_…``, ``lora_te[12]_…``; ``lora_down``/``lora_up``/``alpha``,
-LoCon on convs, Tucker ``lora_mid``), diffusers / PEFT (``unet.….lora_A.weight``/``lora_B.weight``,
-alphas from ``lora_adapter_metadata`` or per-module ``.alpha``), and the old diffusers
-attention-processor format (``….processor.to_q_lora.down.weight``). Algorithms this version cannot
-merge (LoHa, LoKr, DoRA, (IA)³, OFT, GLoRA, full/diff, norm) are refused by name, never skipped.
+Formats read: kohya / A1111 / LyCORIS (``lora_unet_…``, ``lora_te[12]_…``, the LyCORIS wrapper's
+``lycoris_…``; LoRA/LoCon ``lora_down``/``lora_up``/``alpha``, Tucker ``lora_mid``, LoHa ``hada_*``,
+LoKr ``lokr_*``, DoRA ``dora_scale``, (IA)³ ``weight``/``on_input``, full ``diff``/``diff_b``, norm
+``w_norm``/``b_norm``), diffusers / PEFT (``unet.….lora_A.weight``/``lora_B.weight``, DoRA
+``lora_magnitude_vector``, alphas from ``lora_adapter_metadata`` or per-module ``.alpha``), and the old
+diffusers attention-processor format (``….processor.to_q_lora.down.weight``). Algorithms sdport cannot
+merge (OFT, GLoRA) are refused by name, never skipped.
 """
 
 from __future__ import annotations
@@ -16,26 +18,34 @@ from dataclasses import dataclass, field
 from ..errors import FormatError, SdportError
 from ..io.base import TensorSource
 
-KOHYA_COMPONENTS = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
+KOHYA_COMPONENTS = {"lora_unet": "unet", "lycoris": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
+                    "lora_te2": "text_encoder_2"}
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 #: old diffusers attention-processor names → the module they patch (UNet attention, then CLIP attention)
 OLD_UNET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 OLD_TEXT = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
-UNSUPPORTED = {"dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "oft_blocks": "OFT", "on_input": "(IA)³",
-               "a1.weight": "GLoRA", "diff": "full/diff", "diff_b": "full/diff", "w_norm": "norm", "b_norm": "norm"}
+UNSUPPORTED = {"oft_blocks": "OFT", "oft_diag": "OFT", "a1.weight": "GLoRA", "b1.weight": "GLoRA"}
 
 #: cross-attention width of the base each family's LoRAs are trained on (attn2's to_k input)
 CROSS_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl-base", 1280: "sdxl-refiner"}
 
-#: kohya/LyCORIS tensor suffix → (algorithm, role of the factor in patches.delta)
+#: kohya/LyCORIS tensor suffix → (algorithm, or None for parts any algorithm may carry; role in patches)
 ROLES = {"lora_up.weight": ("lora", "up"), "lora_down.weight": ("lora", "down"), "lora_mid.weight": ("lora", "mid"),
          **{f"hada_{k}": ("loha", k.replace("_", "")) for k in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")},
-         **{f"lokr_{k}": ("lokr", k.replace("_", "")) for k in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")}}
+         **{f"lokr_{k}": ("lokr", k.replace("_", "")) for k in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")},
+         "diff": ("full", "diff"), "w_norm": ("norm", "diff"), "b_norm": ("norm", "bias"), "weight": ("ia3", "w"),
+         "diff_b": (None, "bias"), "dora_scale": (None, "dora")}
+#: numbers read when the plan is made, not factors: LoRA alphas and (IA)³'s on_input flag
+SCALARS = ("alpha", "on_input")
 REQUIRED = {"lora": (("up",), ("down",)), "loha": (("w1a",), ("w1b",), ("w2a",), ("w2b",)),
-            "lokr": (("w1", "w1a"), ("w2", "w2a"))}
+            "lokr": (("w1", "w1a"), ("w2", "w2a")), "ia3": (("w",),), "full": (), "norm": ()}
 
-_KOHYA = re.compile(r"(lora_(unet|te1|te2|te))_(.+)\.(" + "|".join(re.escape(k) for k in ROLES) + r"|alpha)")
-_PEFT = re.compile(r"(?:base_model\.model\.)?(?:(unet|text_encoder_2|text_encoder)\.)?(.+)\.(lora_A|lora_B)\.weight")
+_KOHYA = re.compile(r"(lora_unet|lora_te1|lora_te2|lora_te|lycoris)_([^.]+)\.("
+                    + "|".join(re.escape(k) for k in (*ROLES, *SCALARS)) + ")")
+_PEFT = re.compile(r"(?:base_model\.model\.)?(?:(unet|text_encoder_2|text_encoder)\.)?(.+)\."
+                   r"(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)")
+PEFT_ROLES = {"lora_A.weight": "down", "lora_B.weight": "up", "lora_magnitude_vector": "magnitude",
+              "lora_magnitude_vector.weight": "magnitude"}
 _ALPHA = re.compile(r"(?:base_model\.model\.)?(?:(unet|text_encoder_2|text_encoder)\.)?(.+)\.alpha")
 _OLD = re.compile(r"(?:(unet|text_encoder_2|text_encoder)\.)?(.+?)\.(?:processor\.)?(to_q|to_k|to_v|to_out)_lora"
                   r"\.(up|down)\.weight")
@@ -49,7 +59,8 @@ class Module:
         component: ``unet``, ``text_encoder`` or ``text_encoder_2``.
         name: for ``naming == "kohya"`` the underscored name after the prefix (``down_blocks_0_…_to_q``);
             for ``"diffusers"`` the dotted module path in diffusers/transformers names.
-        factors: tensor names in the file: up, down[, mid].
+        factors: tensor names in the file by role (see ``patches``): the algorithm's factors, and
+            ``dora``/``magnitude`` (DoRA, LyCORIS/PEFT) and ``bias`` (``diff_b``, ``b_norm``) on any of them.
         alpha: the stored alpha; None means alpha = rank (scale 1).
     """
 
@@ -58,13 +69,24 @@ class Module:
     naming: str
     factors: dict[str, str] = field(default_factory=dict)  # role (patches.delta) → tensor name
     alpha: float | None = None
-    kind: str = "lora"  # lora (LoCon, Tucker), loha, lokr
+    kind: str = ""  # lora (LoCon, Tucker), loha, lokr, ia3, full, norm
     rslora: bool = False  # PEFT's use_rslora: the scale is alpha / sqrt(rank)
+    on_input: bool = False  # (IA)³ scales input columns instead of output rows
 
     def rank(self, source: TensorSource) -> int | None:
-        """The rank alpha is divided by; None for a LoKr whose halves are both full (scale 1)."""
-        key = {"lora": "down", "loha": "w1b"}.get(self.kind) or ("w2b" if "w2b" in self.factors else "w1b")
+        """The rank alpha is divided by; None when there is none (scale 1): a LoKr of two full halves, (IA)³, diff."""
+        if self.kind == "lokr":
+            key = "w2b" if "w2b" in self.factors else "w1b"
+        else:
+            key = {"lora": "down", "loha": "w1b"}.get(self.kind, "")
         return source.tensors[self.factors[key]].shape[0] if key in self.factors else None
+
+    @property
+    def patch_kind(self) -> str:
+        """How ``patches`` applies the weight update."""
+        if self.kind == "ia3":
+            return "ia3-in" if self.on_input else "ia3"
+        return "diff" if self.kind in ("full", "norm") else self.kind
 
     @property
     def label(self) -> str:
@@ -82,14 +104,14 @@ class Adapter:
 
 
 def parse(source: TensorSource, alphas: dict[str, float]) -> Adapter:
-    """The modules of an adapter file; ``alphas`` maps its ``.alpha`` tensor names to their values."""
+    """The modules of an adapter file; ``alphas`` maps its ``.alpha`` (and ``.on_input``) tensors to their values."""
     names = list(source.tensors)
     for name in names:
         leaf = name.rsplit(".", 2)
         for suffix, algo in UNSUPPORTED.items():
             if name.endswith("." + suffix) or leaf[-1] == suffix:
                 raise FormatError(source.path, f"uses {algo} (tensor '{name}'), which this version cannot merge",
-                                  "LoRA, LoCon, Tucker, LoHa and LoKr adapters are merged so far")
+                                  "LoRA/LoCon/Tucker, LoHa, LoKr, DoRA, (IA)³, full/diff and norm are merged")
     if any(_KOHYA.fullmatch(n) for n in names):
         return _kohya(source, names, alphas)
     if any(_OLD.fullmatch(n) for n in names):
@@ -107,15 +129,19 @@ def _kohya(source: TensorSource, names: list[str], alphas: dict[str, float]) -> 
         m = _KOHYA.fullmatch(name)
         if m is None:
             raise FormatError(source.path, f"tensor '{name}' is not a kohya LoRA tensor", "the file mixes formats")
-        mod = modules.setdefault(m[1] + "_" + m[3], Module(KOHYA_COMPONENTS[m[2]], m[3], "kohya"))
-        if m[4] == "alpha":
-            mod.alpha, _ = alphas[name], alpha_keys.append(name)
+        mod = modules.setdefault(m[1] + "_" + m[2], Module(KOHYA_COMPONENTS[m[1]], m[2], "kohya"))
+        if m[3] in SCALARS:
+            alpha_keys.append(name)
+            if m[3] == "alpha":
+                mod.alpha = alphas[name]
+            else:
+                mod.on_input = bool(alphas[name])
             continue
-        kind, role = ROLES[m[4]]
-        if mod.factors and mod.kind != kind:
-            raise FormatError(source.path, f"module '{m[3]}' mixes {mod.kind} and {kind} tensors",
+        kind, role = ROLES[m[3]]
+        if kind and mod.kind and mod.kind != kind:
+            raise FormatError(source.path, f"module '{m[2]}' mixes {mod.kind} and {kind} tensors",
                               "the file is damaged")
-        mod.kind, mod.factors[role] = kind, name
+        mod.kind, mod.factors[role] = kind or mod.kind, name
     return Adapter(source.path, "kohya", _complete(source, modules), alpha_keys)
 
 
@@ -128,8 +154,8 @@ def _peft(source: TensorSource, names: list[str], alphas: dict[str, float]) -> A
         m = _PEFT.fullmatch(name)
         if m is not None:
             component = m[1] or _guess_component(m[2])
-            mod = modules.setdefault((component, m[2]), Module(component, m[2], "diffusers"))
-            mod.factors["up" if m[3] == "lora_B" else "down"] = name
+            mod = modules.setdefault((component, m[2]), Module(component, m[2], "diffusers", kind="lora"))
+            mod.factors[PEFT_ROLES[m[3]]] = name
             continue
         a = _ALPHA.fullmatch(name)
         if a is None:
@@ -153,7 +179,7 @@ def _old_diffusers(source: TensorSource, names: list[str]) -> Adapter:
         component = m[1] or _guess_component(m[2])
         leaf = (OLD_UNET if component == "unet" else OLD_TEXT)[m[3]]
         path = f"{m[2]}.{leaf}"
-        mod = modules.setdefault((component, path), Module(component, path, "diffusers"))
+        mod = modules.setdefault((component, path), Module(component, path, "diffusers", kind="lora"))
         mod.factors[m[4]] = name
     return Adapter(source.path, "diffusers-old", _complete(source, modules), [])
 
@@ -164,6 +190,7 @@ def _guess_component(path: str) -> str:
 
 def _complete(source: TensorSource, modules: dict) -> list[Module]:
     for mod in modules.values():
+        mod.kind = mod.kind or "full"  # only a diff_b
         if any(not any(r in mod.factors for r in choice) for choice in REQUIRED[mod.kind]):
             raise FormatError(source.path, f"{mod.kind} module '{mod.name}' lacks some of its factors "
                               f"(has {sorted(mod.factors)})", "the file is damaged")
@@ -204,10 +231,10 @@ def _metadata_alpha(config: dict, path: str) -> float | None:
 
 
 def read_alphas(source: TensorSource) -> dict[str, float]:
-    """The value of every 0-d ``alpha`` tensor (read now: the scale is part of the plan)."""
+    """The value of every 0-d ``alpha`` and ``on_input`` tensor (read now: they are part of the plan)."""
     out = {}
     for name, info in source.tensors.items():
-        if name.endswith(".alpha"):
+        if name.endswith((".alpha", ".on_input")):
             if info.numel != 1:
                 raise SdportError(source.path, f"'{name}' is not a single number", "the adapter is damaged")
             value = float(source.read(name).reshape(-1)[0])
@@ -218,11 +245,13 @@ def read_alphas(source: TensorSource) -> dict[str, float]:
 
 
 def module_kind(source: TensorSource, m: Module) -> str:
-    """``loha``, ``lokr``, or for LoRA ``tucker`` (a ``lora_mid`` core), ``locon`` (a conv kernel) or ``lora``."""
-    if m.kind != "lora":
-        return m.kind
-    down = source.tensors[m.factors["down"]].shape
-    return "tucker" if "mid" in m.factors else "locon" if len(down) == 4 and down[2:] != (1, 1) else "lora"
+    """The algorithm: ``loha``, ``lokr``, ``ia3``, ``full``, ``norm``, or for LoRA ``tucker`` (a ``lora_mid``
+    core), ``locon`` (a conv kernel) or ``lora``; ``+dora`` when it carries a DoRA magnitude."""
+    kind = m.kind
+    if kind == "lora":
+        down = source.tensors[m.factors["down"]].shape
+        kind = "tucker" if "mid" in m.factors else "locon" if len(down) == 4 and down[2:] != (1, 1) else "lora"
+    return kind + ("+dora" if "dora" in m.factors or "magnitude" in m.factors else "")
 
 
 def base_family(source: TensorSource, adapter: Adapter) -> str:

@@ -1,10 +1,11 @@
 """Merging adapters into a conversion plan: each module becomes a ``Patch`` on the base tensor it updates.
 
 The adapters' tensors join the base's in one ``TensorSource`` (named ``lora<i>:<key>``), so the
-plan streams them like any input: a patched output reads its base tensor and its factors, adds
-``Σ ratio · alpha/rank · up @ down`` in fp32, then the usual op and one cast. Every module must
-land on a base weight with a matching shape; anything else is an error naming the modules, unless
-the user allows unmatched ones.
+plan streams them like any input: a patched output reads its base tensor and its factors, applies
+each adapter's update in fp32 (``Σ ratio · alpha/rank · ΔW``, DoRA and (IA)³ as ``patches`` says),
+then the usual op and one cast. Every module must land on a base weight (and bias, for ``diff_b``
+and ``b_norm``) with a matching shape; anything else is an error naming the modules, unless the
+user allows unmatched ones.
 """
 
 from __future__ import annotations
@@ -77,18 +78,18 @@ def merge_adapters(plan: Plan, base: TensorSource, family: str, diffusers_layout
                                   "use a base of the family the LoRA was trained on")
             names = {k: f"lora{i}:{k}" for k in source.tensors}
             combined.tensors.update({names[k]: replace(v, name=names[k]) for k, v in source.tensors.items()})
-            plan.dropped.update({names[k]: "alpha, folded into the merge scale" for k in adapter.alpha_keys})
+            plan.dropped.update({names[k]: "alpha or flag, read into the merge" for k in adapter.alpha_keys})
             report = AdapterReport(path, adapter.format, ratio)
             for module in adapter.modules:
-                target = index.get(f"{module.component}:{module.name}")
-                if target is None:
+                found = _targets(index, module, read_as or {})
+                if found is None:
                     report.unmatched.append(module.label)
                     plan.dropped.update({names[f]: "unmatched LoRA module (--allow-unmatched)"
                                          for f in module.factors.values()})
                     continue
-                target = replace(target, tensor=(read_as or {}).get(target.tensor, target.tensor))
-                patch = _patch(source, adapter, module, target, names, ratio)
-                patches.setdefault(target.tensor, []).append(patch)
+                for target, roles in found:
+                    patch = _patch(source, adapter, module, roles, target, names, ratio)
+                    patches.setdefault(target.tensor, []).append(patch)
                 report.applied[(module.component, module_kind(source, module))] += 1
             _check_matches(adapter, report, family, allow_unmatched)
             reports.append(report)
@@ -96,15 +97,33 @@ def merge_adapters(plan: Plan, base: TensorSource, family: str, diffusers_layout
     return combined, reports
 
 
-def _patch(source: TensorSource, adapter: Adapter, module: Module, target: Target, names: dict[str, str],
-           ratio: float) -> Patch:
-    roles = tuple(module.factors)
-    rank = module.rank(source)
-    # alpha missing or 0 means alpha = rank, as kohya and LyCORIS read it; a LoKr of two full halves has no rank
-    divisor = (math.sqrt(rank) if module.rslora else rank) if rank else None
-    scale = ratio * ((module.alpha or rank) / divisor if divisor else 1.0)
-    patch = Patch(target.tensor, tuple(names[module.factors[r]] for r in roles), roles, scale, module.kind,
-                  target.rows)
+def _targets(index: dict[str, Target], module: Module, read_as: dict[str, str]
+             ) -> list[tuple[Target, tuple[str, ...]]] | None:
+    """The weight (and bias) a module updates, each with the roles of the factors that update it; None if absent."""
+    key = f"{module.component}:{module.name}"
+    weight_roles = tuple(r for r in module.factors if r != "bias")
+    wanted = ([(key, weight_roles)] if weight_roles else []) + ([(key + "#bias", ("bias",))]
+                                                                 if "bias" in module.factors else [])
+    found = []
+    for name, roles in wanted:
+        target = index.get(name)
+        if target is None:
+            return None
+        found.append((replace(target, tensor=read_as.get(target.tensor, target.tensor)), roles))
+    return found
+
+
+def _patch(source: TensorSource, adapter: Adapter, module: Module, roles: tuple[str, ...], target: Target,
+           names: dict[str, str], ratio: float) -> Patch:
+    if roles == ("bias",):  # a bias update is a plain difference, whatever the algorithm of the weight's
+        patch = Patch(target.tensor, (names[module.factors["bias"]],), ("diff",), 1.0, "diff", target.rows, ratio)
+    else:
+        rank = module.rank(source)
+        # alpha missing or 0 means alpha = rank, as kohya and LyCORIS read it; a LoKr of two full halves has no rank
+        divisor = (math.sqrt(rank) if module.rslora else rank) if rank else None
+        scale = (module.alpha or rank) / divisor if divisor else 1.0
+        patch = Patch(target.tensor, tuple(names[module.factors[r]] for r in roles), roles, scale, module.patch_kind,
+                      target.rows, ratio)
     shapes = [source.tensors[module.factors[r]].shape for r in roles]
     if not fits(patch, target.shape, shapes):
         raise SdportError(adapter.path, f"{module.kind} module '{module.label}' ({[list(s) for s in shapes]}) does "

@@ -4,7 +4,8 @@ For every weight of every component of the base, the family's name tables give b
 name and its original (LDM/SGM) name, so one index answers every naming an adapter may use:
 diffusers/PEFT paths, kohya names derived from diffusers modules (SD1/SD2) or from SGM modules
 (SDXL), and text-encoder paths in transformers' names. A target is the base tensor to update and,
-for OpenCLIP's fused ``in_proj``, which third of its rows.
+for OpenCLIP's fused ``in_proj``, which third of its rows. Biases are indexed too, under the
+module's key plus ``#bias`` (LyCORIS ``diff_b`` and ``b_norm`` update them).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from ..families import FAMILIES, Part
 from ..io.base import TensorSource
 from ..layouts import part_links, part_prefix
+
+PARAMS = (".weight", ".bias")
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,8 @@ def _kohya_names(part: Part, diffusers_module: str, ldm_module: str | None) -> l
         if ldm_module:
             names.append("unet:" + ldm_module.replace(".", "_"))
         return names
-    return [f"{part.component}:{flat}"]
+    # trainers on transformers >= 5.6, whose CLIPTextModel has no text_model level, name modules without it
+    return [f"{part.component}:{flat}", f"{part.component}:{flat.removeprefix('text_model_')}"]
 
 
 def build_index(source: TensorSource, family_name: str, diffusers_layout: bool) -> dict[str, Target]:
@@ -56,7 +60,7 @@ def build_index(source: TensorSource, family_name: str, diffusers_layout: bool) 
         shapes = {k[len(prefix):]: i.shape for k, i in source.tensors.items() if k.startswith(prefix)}
         links, _ = part_links(part, shapes, not diffusers_layout)
         for link in links.links:
-            if not link.out.endswith(".weight") and not link.inputs[0].endswith(".weight"):
+            if not link.out.endswith(PARAMS) and not link.inputs[0].endswith(PARAMS):
                 continue
             if diffusers_layout:  # link: diffusers inputs → original name
                 if len(link.inputs) != 1:  # q, k, v fused into in_proj in the original layout: each is its own tensor
@@ -80,12 +84,14 @@ def build_index(source: TensorSource, family_name: str, diffusers_layout: bool) 
 
 def _add(index: dict[str, Target], part: Part, diffusers_name: str, ldm_name: str | None, tensor: str,
          shape: tuple[int, ...], rows: tuple[int, int] | None) -> None:
-    if not diffusers_name.endswith(".weight"):
+    param = next((p for p in PARAMS if diffusers_name.endswith(p)), None)
+    if param is None:
         return
-    module = diffusers_name[: -len(".weight")]
-    ldm_module = ldm_name[: -len(".weight")] if ldm_name and ldm_name.endswith(".weight") else None
+    module = diffusers_name[: -len(param)]
+    ldm_module = ldm_name[: -len(param)] if ldm_name and ldm_name.endswith(param) else None
     target = Target(tensor, shape, rows)
-    index[f"{part.component}:{module}"] = target
+    key = "#bias" if param == ".bias" else ""
+    index[f"{part.component}:{module}{key}"] = target
     for name in _kohya_names(part, module, ldm_module):
-        index.setdefault(name, target)
+        index.setdefault(name + key, target)
 
