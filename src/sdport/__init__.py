@@ -6,6 +6,7 @@ The public API is small and lazy: importing sdport imports neither numpy nor tor
     >>> sdport.inspect("model.ckpt")["family"]
     >>> sdport.convert("model.ckpt", "model.safetensors", dtype="fp16")
     >>> sdport.merge_loras("model.safetensors", "merged", ["style.safetensors:0.8"])
+    >>> sdport.lora.convert("style.safetensors", "style-peft.safetensors", to="peft")
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ from typing import Any
 from .errors import FormatError, OutputError, PlanError, SdportError, UnknownKeyError, UnsafeFileError
 
 __all__ = ["FormatError", "OutputError", "PlanError", "SdportError", "UnknownKeyError", "UnsafeFileError",
-           "convert", "inspect", "merge_loras", "open_tensors"]
+           "convert", "inspect", "lora", "merge_loras", "open_tensors"]
+
+
+def __getattr__(name: str) -> Any:
+    """``sdport.lora`` (adapter convert/combine/extract), imported when first used."""
+    if name == "lora":
+        import importlib
+
+        return importlib.import_module(".lora", __name__)
+    raise AttributeError(f"module 'sdport' has no attribute {name!r}")
 
 
 def inspect(source: Any) -> dict[str, Any]:

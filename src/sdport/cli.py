@@ -82,6 +82,67 @@ def convert_cmd(src: str, dst: str, to: str | None, dtype: str, fmt: str | None,
             click.echo(f"unknown {name}: copied unchanged (--allow-unknown)")
 
 
+@cli.group("lora")
+def lora_group() -> None:
+    """Work on adapters themselves: convert between formats, combine, extract from a fine-tune."""
+
+
+_DTYPES = click.Choice(["keep", "fp32", "fp16", "bf16"])
+
+
+@lora_group.command("convert")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--to", "to", required=True, type=click.Choice(["kohya", "peft", "diffusers-old"]))
+@click.option("--rank", type=int, help="Re-factorise LoHa/LoKr/Tucker/full modules as LoRA of this rank (lossy).")
+@click.option("--dtype", default="keep", type=_DTYPES, show_default=True, help="Dtype of re-factorised modules.")
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+def lora_convert_cmd(src: str, dst: str, to: str, rank: int | None, dtype: str, force: bool) -> None:
+    """Rewrite adapter SRC in another format: renames and alpha moved, factors copied bit for bit."""
+    from .lora.rewrite import convert_adapter, output_dtype
+
+    click.echo("\n".join(convert_adapter(src, dst, to=to, rank=rank, dtype=output_dtype(dtype),
+                                         force=force).lines()))
+
+
+@lora_group.command("combine")
+@click.argument("specs", nargs=-1, required=True, metavar="A[:RATIO] B[:RATIO] … OUT")
+@click.option("--to", "to", default="kohya", show_default=True, type=click.Choice(["kohya", "peft", "diffusers-old"]))
+@click.option("--dtype", default="fp32", type=_DTYPES, show_default=True)
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def lora_combine_cmd(specs: tuple[str, ...], to: str, dtype: str, force: bool) -> None:
+    """One LoRA equal to the sum of the adapters at their ratios (ranks concatenated: exact)."""
+    from .lora.rewrite import combine, output_dtype
+
+    click.echo("\n".join(combine(list(specs[:-1]), specs[-1], to=to, dtype=output_dtype(dtype) or "F32",
+                                 force=force).lines()))
+
+
+@lora_group.command("extract")
+@click.argument("tuned")
+@click.argument("base")
+@click.argument("dst")
+@click.option("--rank", default=32, show_default=True, help="Rank of every module (the cap, with --energy).")
+@click.option("--energy", type=float, help="Per module, the smallest rank keeping this share of Σσ² (e.g. 0.9).")
+@click.option("--min-rank", default=1, show_default=True)
+@click.option("--max-rank", type=int, help="Upper bound with --energy (default: --rank).")
+@click.option("--min-diff", default=0.0, show_default=True, help="Leave out modules whose |ΔW| never exceeds this.")
+@click.option("--to", "to", default="kohya", show_default=True, type=click.Choice(["kohya", "peft", "diffusers-old"]))
+@click.option("--dtype", default="fp16", type=_DTYPES, show_default=True)
+@click.option("--report", is_flag=True, help="Print the rank and retained energy of every module.")
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+def lora_extract_cmd(tuned: str, base: str, dst: str, rank: int, energy: float | None, min_rank: int,
+                     max_rank: int | None, min_diff: float, to: str, dtype: str, report: bool, force: bool) -> None:
+    """A LoRA turning BASE into TUNED: per-module SVD of their difference, energy reported."""
+    from .lora.extract import extract
+    from .lora.rewrite import output_dtype
+
+    result = extract(tuned, base, dst, rank=rank, energy=energy, min_rank=min_rank,
+                     max_rank=max_rank if max_rank is not None else (rank if energy is not None else None),
+                     min_diff=min_diff, to=to, dtype=output_dtype(dtype) or "F16", force=force)
+    click.echo("\n".join(result.lines(every=report)))
+
+
 @cli.command("demo")
 @click.argument("folder", default="sdport-demo")
 def demo_cmd(folder: str) -> None:

@@ -136,7 +136,7 @@ def fits(patch: Patch, target: Shape, factor_shapes: Sequence[Shape]) -> bool:
     if patch.kind in ("ia3", "ia3-in"):
         axis = 0 if patch.kind == "ia3" else 1
         return len(block) > axis and math.prod(shapes["w"]) == block[axis]
-    if "dora" in shapes and _dora_axis(shapes["dora"], block) is None:
+    if "dora" in shapes and dora_axis(shapes["dora"], block) is None:
         return False
     if "magnitude" in shapes and math.prod(shapes["magnitude"]) != block[0]:
         return False
@@ -145,7 +145,7 @@ def fits(patch: Patch, target: Shape, factor_shapes: Sequence[Shape]) -> bool:
     return shape is not None and shape[0] == block[0] and math.prod(shape) == math.prod(block)
 
 
-def _dora_axis(magnitude: Shape, block: Shape) -> int | None:
+def dora_axis(magnitude: Shape, block: Shape) -> int | None:
     """0 when a DoRA magnitude norms output rows (PEFT, LyCORIS ≥ 3.1.1), 1 for input columns (older LyCORIS)."""
     n = math.prod(magnitude)
     if n == block[0] and (len(magnitude) == 1 or magnitude[0] == block[0]):
@@ -174,7 +174,7 @@ def apply(weight: np.ndarray, patch: Patch, factors: Sequence[np.ndarray]) -> np
         block += np.float32(patch.ratio * patch.scale) * d
         return out
     v = block + np.float32(patch.scale) * d
-    axis = _dora_axis(magnitude.shape, block.shape) if role == "dora" else 0
+    axis = dora_axis(magnitude.shape, block.shape) if role == "dora" else 0
     norm = np.sqrt(np.sum(np.square(v), axis=tuple(k for k in range(v.ndim) if k != axis), keepdims=True))
     g = cast(magnitude, "F32").reshape(norm.shape)
     block += np.float32(patch.ratio) * (g * v / (norm + np.finfo(np.float32).eps) - block)

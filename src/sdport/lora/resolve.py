@@ -44,10 +44,12 @@ def _kohya_names(part: Part, diffusers_module: str, ldm_module: str | None) -> l
     return [f"{part.component}:{flat}", f"{part.component}:{flat.removeprefix('text_model_')}"]
 
 
-def build_index(source: TensorSource, family_name: str, diffusers_layout: bool) -> dict[str, Target]:
+def build_index(source: TensorSource, family_name: str, diffusers_layout: bool, *, aliases: bool = True
+                ) -> dict[str, Target]:
     """Every way an adapter can name a base weight → where that weight is.
 
-    Keys are ``component:path`` — ``path`` a dotted diffusers module path or an underscored kohya name.
+    Keys are ``component:path`` — ``path`` a dotted diffusers module path or, with ``aliases``, also an
+    underscored kohya name.
     """
     family = FAMILIES[family_name]
     index: dict[str, Target] = {}
@@ -66,7 +68,7 @@ def build_index(source: TensorSource, family_name: str, diffusers_layout: bool) 
                 if len(link.inputs) != 1:  # q, k, v fused into in_proj in the original layout: each is its own tensor
                     for name in link.inputs:
                         _add(index, part, _hub(name) if part.kind != "unet" else name, None, prefix + name,
-                             shapes[name], None)
+                             shapes[name], None, aliases)
                     continue
                 diffusers_name, ldm_name, rows = link.inputs[0], link.out, None
                 tensor, shape = prefix + diffusers_name, shapes[diffusers_name]
@@ -78,12 +80,12 @@ def build_index(source: TensorSource, family_name: str, diffusers_layout: bool) 
                 tensor, shape = prefix + ldm_name, shapes[ldm_name]
             if part.kind != "unet":
                 diffusers_name = _hub(diffusers_name)
-            _add(index, part, diffusers_name, ldm_name, tensor, shape, rows)
+            _add(index, part, diffusers_name, ldm_name, tensor, shape, rows, aliases)
     return index
 
 
 def _add(index: dict[str, Target], part: Part, diffusers_name: str, ldm_name: str | None, tensor: str,
-         shape: tuple[int, ...], rows: tuple[int, int] | None) -> None:
+         shape: tuple[int, ...], rows: tuple[int, int] | None, aliases: bool) -> None:
     param = next((p for p in PARAMS if diffusers_name.endswith(p)), None)
     if param is None:
         return
@@ -92,6 +94,6 @@ def _add(index: dict[str, Target], part: Part, diffusers_name: str, ldm_name: st
     target = Target(tensor, shape, rows)
     key = "#bias" if param == ".bias" else ""
     index[f"{part.component}:{module}{key}"] = target
-    for name in _kohya_names(part, module, ldm_module):
+    for name in _kohya_names(part, module, ldm_module) if aliases else ():
         index.setdefault(name + key, target)
 
