@@ -359,7 +359,12 @@ def test_loha_and_lokr_modules_equal_lycoris_own_rebuild(setup, tmp_path) -> Non
     assert sdport.inspect(path)["adapter"]["kinds"] == {"loha": 2, "lokr": 2}
 
 
-@pytest.mark.parametrize("variant", ["plain", "rslora", "dora"])
+#: the modules latent-consistency/lcm-lora-sdv1-5 adapts (its adapter_config.json), convs included, r 64 / alpha 8
+LCM_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+               "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+
+
+@pytest.mark.parametrize("variant", ["plain", "rslora", "dora", "lcm"])
 def test_loras_saved_by_diffusers_itself_merge_at_their_strength(setup, tmp_path, variant) -> None:
     if setup["name"] != "sd1":
         pytest.skip("one family is enough for the metadata convention")
@@ -369,6 +374,8 @@ def test_loras_saved_by_diffusers_itself_merge_at_their_strength(setup, tmp_path
     pipe = setup["cls"].from_pretrained(setup["ref"])
     config = LoraConfig(r=4, lora_alpha=12, target_modules=["to_q", "to_v", "proj_in"], init_lora_weights=False,
                         use_rslora=variant == "rslora", use_dora=variant == "dora")
+    if variant == "lcm":
+        config = LoraConfig(r=8, lora_alpha=1, target_modules=LCM_TARGETS, init_lora_weights=False)
     pipe.unet.add_adapter(config)
     # PEFT starts DoRA's magnitude at the norm of the merged weight, a no-op: move it, so it must be applied
     g = torch.Generator().manual_seed(5)

@@ -38,17 +38,17 @@ def setup(request, tmp_path_factory) -> dict:
     ref = models.save_pipeline(name, str(root / "ref"))
     cls = getattr(diffusers, PIPES[name])
     pipe = cls.from_pretrained(ref)
-    sgm = None
-    if name == "sdxl-base":  # kohya names SDXL's UNet modules after the SGM layout
-        from sdport.families.unet import layout_from_diffusers, name_map
+    from sdport.families.unet import layout_from_diffusers, name_map
 
-        table = name_map(layout_from_diffusers(pipe.unet.state_dict()))
-        sgm = {k[: -len(".weight")]: table.to_ldm(k)[0][: -len(".weight")] for k in pipe.unet.state_dict()
-               if k.endswith(".weight")}
+    table = name_map(layout_from_diffusers(pipe.unet.state_dict()))
+    sgm = {k[: -len(".weight")]: table.to_ldm(k)[0][: -len(".weight")] for k in pipe.unet.state_dict()
+           if k.endswith(".weight")}
     te = "lora_te1" if name == "sdxl-base" else "lora_te"
-    a = kohya_file(make_lora(pipe, sgm_names=sgm, seed=0), str(root / "a.safetensors"), te_prefix=te, sgm=bool(sgm))
-    b = kohya_file(make_lora(pipe, sgm_names=sgm, seed=1), str(root / "b.safetensors"), te_prefix=te, sgm=bool(sgm))
-    return {"name": name, "root": root, "ref": ref, "cls": cls, "a": a, "b": b}
+    xl = name == "sdxl-base"  # kohya names SDXL's UNet modules after the SGM layout, SD1's after diffusers'
+    modules = make_lora(pipe, sgm_names=sgm, seed=0)
+    a = kohya_file(modules, str(root / "a.safetensors"), te_prefix=te, sgm=xl)
+    b = kohya_file(make_lora(pipe, sgm_names=sgm, seed=1), str(root / "b.safetensors"), te_prefix=te, sgm=xl)
+    return {"name": name, "root": root, "ref": ref, "cls": cls, "a": a, "b": b, "modules": modules, "te": te}
 
 
 def _load(path: str) -> dict[str, torch.Tensor]:
@@ -106,6 +106,31 @@ def test_kohya_to_peft_and_back_is_bit_exact_and_diffusers_loads_the_peft_file(s
                 key = f"{comp}.{n}" if f"{comp}.{n}" in ours else f"{comp}.{n.removeprefix('text_model.')}"
                 torch.testing.assert_close(ours[key], want[n], rtol=1e-5, atol=1e-6)
     assert changed > 20
+
+
+def test_every_unet_naming_reads_as_the_same_modules(setup, tmp_path) -> None:
+    """kohya names from diffusers paths and from SGM paths (kohya's SD1 extraction writes those too), and MindOne's
+    ``model.diffusion_model.<SGM path>.lora_A`` names: one canonical module each, merged alike."""
+    modules = setup["modules"]
+    files = {sgm: kohya_file(modules, str(tmp_path / f"{sgm}.safetensors"), te_prefix=setup["te"], sgm=sgm)
+             for sgm in (False, True)}
+    peft = {}
+    for sgm, path in files.items():
+        assert run_cli("lora", "convert", path, str(tmp_path / f"p{sgm}.safetensors"), "--to", "peft").code == 0
+        peft[sgm] = _load(str(tmp_path / f"p{sgm}.safetensors"))
+    assert peft[False].keys() == peft[True].keys() and all(torch.equal(peft[False][k], peft[True][k])
+                                                           for k in peft[False])
+    # MindOne stores no alpha (its merge script takes one for the whole file): scale 1, as alpha = rank
+    mindone = {}
+    for m in modules.values():
+        if m["component"] == "unet":
+            name = f"model.diffusion_model.{m['sgm']}"
+            mindone[f"{name}.lora_A.weight"], mindone[f"{name}.lora_B.weight"] = m["down"], m["up"]
+    safetensors.torch.save_file(mindone, str(tmp_path / "mindone.safetensors"))
+    plain = {k: v for k, v in _load(files[True]).items() if k.startswith("lora_unet_") and not k.endswith(".alpha")}
+    safetensors.torch.save_file(plain, str(tmp_path / "plain.safetensors"))
+    _close(_merge(setup, tmp_path / "m1", str(tmp_path / "mindone.safetensors")),
+           _merge(setup, tmp_path / "m2", str(tmp_path / "plain.safetensors")), rtol=0, atol=0)
 
 
 def test_old_diffusers_format_holds_attention_only_and_folds_alpha(setup, tmp_path) -> None:

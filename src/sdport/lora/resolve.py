@@ -34,11 +34,14 @@ def _hub(name: str) -> str:
 
 
 def _kohya_names(part: Part, diffusers_module: str, ldm_module: str | None) -> list[str]:
+    """Other names of a module: kohya's (from diffusers or SGM paths) and, for the UNet, the SGM path itself
+    with or without the checkpoint's ``model.diffusion_model.`` (MindOne's LoRA names)."""
     flat = diffusers_module.replace(".", "_")
     if part.kind == "unet":
         names = [f"unet:{flat}"]
         if ldm_module:
-            names.append("unet:" + ldm_module.replace(".", "_"))
+            names += ["unet:" + ldm_module.replace(".", "_"), f"unet:{ldm_module}",
+                      f"unet:model.diffusion_model.{ldm_module}"]
         return names
     # trainers on transformers >= 5.6, whose CLIPTextModel has no text_model level, name modules without it
     return [f"{part.component}:{flat}", f"{part.component}:{flat.removeprefix('text_model_')}"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ OLD_NAMES = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out.0": "to_out
              "v_proj": "to_v", "out_proj": "to_out"}
 #: the SD UNet's 3×3 convs, by the end of their diffusers path
 CONV3X3 = ("conv1", "conv2", "conv_in", "conv_out", "downsamplers.0.conv", "upsamplers.0.conv")
+SGM_NAME = r"(model[._]diffusion_model[._])?(input_blocks|middle_block|output_blocks)[._]"
 ALPHA_DTYPE_KEY = "sdport_alpha_dtype"  # kohya alphas' dtype, kept through PEFT so a round trip is bit-exact
 
 
@@ -103,9 +105,13 @@ def adapter_family(source: TensorSource, modules: list[Module]) -> str:
     found = base_family(source, Adapter(source.path, "", modules, []))
     if found:
         return found
-    sgm = any(m.component == "unet" and m.naming == "kohya" and m.name.startswith(("input_blocks_", "middle_block_",
-                                                                                  "output_blocks_")) for m in modules)
-    return "sdxl-base" if sgm or any(m.component == "text_encoder_2" for m in modules) else "sd1"
+    if any(m.component == "text_encoder_2" for m in modules):
+        return "sdxl-base"
+    sgm = [m.name for m in modules if m.component == "unet" and re.match(SGM_NAME, m.name)]
+    # SD1/SD2 have attention in input block 1 and twelve input blocks; SDXL has neither
+    sd1 = any(re.match(r"(model[._]diffusion_model[._])?(input_blocks[._]1[._]1|(in|out)put_blocks[._](9|1[01]))[._]",
+                       n) for n in sgm)
+    return "sdxl-base" if sgm and not sd1 else "sd1"
 
 
 def canonical(source: TensorSource, family: str | None = None) -> tuple[list[Out], str, str]:
@@ -116,7 +122,7 @@ def canonical(source: TensorSource, family: str | None = None) -> tuple[list[Out
     alpha_dtypes = Counter(source.tensors[k].dtype for k in adapter.alpha_keys if k.endswith(".alpha"))
     outs: dict[str, Out] = {}
     for m in adapter.modules:
-        path = dotted(m.name) if m.naming == "kohya" else m.name
+        path = dotted(m.name) if m.naming == "kohya" else m.name.removeprefix("model.diffusion_model.")
         if path is not None:
             path = unet_to_diffusers(path, family) if m.component == "unet" else text_path(path)
         if path is None:
