@@ -71,18 +71,23 @@ def layouts(data: str, out: str, tools: str) -> list[tuple[str, str, list[str], 
 
 
 def lora(data: str, out: str, tools: str) -> list[tuple[str, str, list[str], str]]:
-    """Merging a rank-32 kohya LoRA (../shared/anchor-bench/make_lora.py) into SD1.5 and SDXL, beside diffusers."""
+    """Merging one and two rank-32 kohya LoRAs (../shared/anchor-bench/make_lora.py) into SD1.5 and SDXL, beside
+    diffusers."""
     ops_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "anchor-bench", "ops.py")
     o = lambda name: os.path.join(out, name)  # noqa: E731
     ops = []
     for model in ("sd15", "sdxl"):
         st, d = os.path.join(data, f"{model}.safetensors"), os.path.join(data, f"{model}-diffusers")
         adapter = os.path.join(data, f"lora-{model}-r32.safetensors")
+        second = os.path.join(data, f"lora-{model}-r32-b.safetensors")  # make_lora.py --seed 1
         xl = ["--sdxl"] if model == "sdxl" else []
         ops += [
             (f"{model} cp+sync file", "", _cp(st, o("cp.st")), o("cp.st")),
             (f"{model} sdport merge into file", f"{model} cp+sync file",
              SDPORT + ["convert", st, o("m.safetensors"), "--lora", adapter, "-q"], o("m.safetensors")),
+            (f"{model} sdport merge two into file", f"{model} cp+sync file",
+             SDPORT + ["convert", st, o("m2.safetensors"), "--lora", adapter, "--lora", f"{second}:0.5", "-q"],
+             o("m2.safetensors")),
             (f"{model} sdport merge into folder", f"{model} cp+sync file",
              SDPORT + ["convert", d, o("md"), "--lora", adapter, "-q"], o("md")),
             (f"{model} diffusers load_lora_weights+fuse_lora+save_pretrained", f"{model} cp+sync file",
@@ -117,7 +122,8 @@ def repackage(data: str, out: str, tools: str) -> list[tuple[str, str, list[str]
 SUITES = {"repackage": (repackage, ("sd15-fp32.safetensors", "sd15-fp32.ckpt")),
           "layouts": (layouts, ("sd15-ema.safetensors", "sdxl.safetensors", "sd15-diffusers", "sdxl-diffusers")),
           "lora": (lora, ("sd15.safetensors", "sdxl.safetensors", "sd15-diffusers", "sdxl-diffusers",
-                          "lora-sd15-r32.safetensors", "lora-sdxl-r32.safetensors"))}
+                          "lora-sd15-r32.safetensors", "lora-sdxl-r32.safetensors", "lora-sd15-r32-b.safetensors",
+                          "lora-sdxl-r32-b.safetensors"))}
 
 
 def timed(cmd: list[str]) -> tuple[float, float, int]:

@@ -7,6 +7,7 @@ No logic lives here beyond calling the public API.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 
@@ -156,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
     from .errors import SdportError
 
+    # sdport runs its own worker threads; OpenBLAS's own pool on top of them only spins (2× the CPU time of a
+    # LoRA merge on two cores). Set before numpy is first imported; a user's explicit setting wins.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:

@@ -26,8 +26,10 @@ from .progress import Progress
 
 #: a cast of a tensor larger than this is done piece by piece, so memory stays bounded whatever the tensor's size
 CAST_CHUNK = 16 << 20
-#: threads computing pieces ahead of the writer
+#: threads computing pieces ahead of the writer, and how many pieces they may hold ready (each at most one tensor,
+#: or CAST_CHUNK of a big cast: this bounds memory); while the writer copies unchanged tensors, they work ahead
 WORKERS = 2
+AHEAD = 8
 
 
 def writer_for(out: OutputFile, target: str, *, force: bool) -> StreamWriter:
@@ -112,7 +114,7 @@ def _parts_of(name: str, pieces: Iterator[tuple[str, np.ndarray, bool]]) -> Iter
 
 
 def _ahead(jobs: Iterator[tuple[str, Callable[[], np.ndarray], bool]]) -> Generator[tuple[str, np.ndarray, bool]]:
-    """Each job's result in order, up to ``WORKERS`` jobs computed ahead in threads while the caller writes.
+    """Each job's result in order, up to ``AHEAD`` jobs computed ahead by ``WORKERS`` threads while the caller writes.
 
     numpy's casts and ``preadv`` release the GIL, so reading and casting overlap with writing.
     Closing the generator cancels the jobs not started and waits for those running.
@@ -122,7 +124,7 @@ def _ahead(jobs: Iterator[tuple[str, Callable[[], np.ndarray], bool]]) -> Genera
     try:
         for name, job, last in jobs:
             pending.append((name, pool.submit(job), last))
-            if len(pending) > WORKERS:
+            if len(pending) > AHEAD:
                 name, future, last = pending.popleft()
                 yield name, future.result(), last
         while pending:
