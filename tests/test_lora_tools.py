@@ -254,6 +254,14 @@ def test_bad_inputs_are_refused_in_one_line(setup, tmp_path) -> None:
         r = run_cli("lora", *args)
         assert r.code == 2 and words in r.err and len(r.err.strip().splitlines()) <= 2, (args, r.err)
         assert not os.path.exists(out) and leftovers(tmp_path) == []
+    # cloneofsimo's safeloras number their modules in the order an old diffusers built them: refused, not guessed
+    clone = str(tmp_path / "clone.safetensors")
+    safetensors.torch.save_file({"unet:0:up": torch.zeros(320, 4), "unet:0:down": torch.zeros(4, 320)}, clone,
+                                metadata={"unet": '["CrossAttention", "Attention", "GEGLU"]', "unet:0:rank": "4"})
+    r = run_cli("convert", setup["ref"], str(tmp_path / "m"), "--lora", clone)
+    assert r.code == 2 and "cloneofsimo" in r.err and len(r.err.strip().splitlines()) == 1
+    report = sdport.inspect(clone)
+    assert report["adapter_format"] == "cloneofsimo" and not report["adapter"]["mergeable"]
     open(out, "wb").close()
     r = run_cli("lora", "convert", setup["a"], out, "--to", "peft")
     assert r.code == 2 and "already exists" in r.err and os.path.getsize(out) == 0

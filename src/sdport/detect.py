@@ -67,7 +67,8 @@ SIGNATURES: tuple[Signature, ...] = (
               none_of=(r"unet\..*",)),
     Signature("lora", "adapter",
               (r".*[._](lora_down|lora_A|lora\.down|hada_w1_a|lokr_w1|lokr_w1_a)(\.[A-Za-z_]+)?(\.weight)?"
-               r"|(lora_unet|lora_te\d?|lycoris|oft_unet)_[^.]+\.(on_input|diff|diff_b|w_norm|b_norm|oft_blocks)",)),
+               r"|(lora_unet|lora_te\d?|lycoris|oft_unet)_[^.]+\.(on_input|diff|diff_b|w_norm|b_norm|oft_blocks)"
+               r"|(unet|text_encoder):\d+:(up|down)",)),
 )
 
 #: adapter naming schemes, first match wins (refined by the LoRA work)
@@ -77,6 +78,7 @@ ADAPTER_FORMATS: tuple[tuple[str, str], ...] = (
     ("kohya", r"lora_(unet|te\d?)_.*\.(lora_down|lora_up)\.weight"),
     ("peft", r".*\.lora_[AB](\.[A-Za-z_]+)?\.weight"),
     ("diffusers-old", r".*\.processor\..*_lora\.(up|down)\.weight"),
+    ("cloneofsimo", r"(unet|text_encoder):\d+:(up|down)"),
 )
 
 

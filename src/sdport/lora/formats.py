@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ..errors import FormatError, SdportError
@@ -44,6 +45,7 @@ _KOHYA = re.compile(r"(lora_unet|lora_te1|lora_te2|lora_te|lycoris)_([^.]+)\.("
                     + "|".join(re.escape(k) for k in (*ROLES, *SCALARS)) + ")")
 _PEFT = re.compile(r"(?:base_model\.model\.)?(?:(unet|text_encoder_2|text_encoder)\.)?(.+)\."
                    r"(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)")
+_SAFELORAS = re.compile(r"(unet|text_encoder):\d+:(up|down)")
 PEFT_ROLES = {"lora_A.weight": "down", "lora_B.weight": "up", "lora_magnitude_vector": "magnitude",
               "lora_magnitude_vector.weight": "magnitude"}
 _ALPHA = re.compile(r"(?:base_model\.model\.)?(?:(unet|text_encoder_2|text_encoder)\.)?(.+)\.alpha")
@@ -75,11 +77,8 @@ class Module:
 
     def rank(self, source: TensorSource) -> int | None:
         """The rank alpha is divided by; None when there is none (scale 1): a LoKr of two full halves, (IA)³, diff."""
-        if self.kind == "lokr":
-            key = "w2b" if "w2b" in self.factors else "w1b"
-        else:
-            key = {"lora": "down", "loha": "w1b"}.get(self.kind, "")
-        return source.tensors[self.factors[key]].shape[0] if key in self.factors else None
+        key = rank_role(self.kind, self.factors)
+        return source.tensors[self.factors[key]].shape[0] if key else None
 
     @property
     def patch_kind(self) -> str:
@@ -91,6 +90,13 @@ class Module:
     @property
     def label(self) -> str:
         return f"{self.component}:{self.name}"
+
+
+def rank_role(kind: str, roles: Iterable[str]) -> str | None:
+    """The factor whose first dimension is the rank alpha is divided by; None when the algorithm has none."""
+    roles = set(roles)
+    key = ("w2b" if "w2b" in roles else "w1b") if kind == "lokr" else {"lora": "down", "loha": "w1b"}.get(kind)
+    return key if key in roles else None
 
 
 @dataclass
@@ -112,6 +118,10 @@ def parse(source: TensorSource, alphas: dict[str, float]) -> Adapter:
             if name.endswith("." + suffix) or leaf[-1] == suffix:
                 raise FormatError(source.path, f"uses {algo} (tensor '{name}'), which this version cannot merge",
                                   "LoRA/LoCon/Tucker, LoHa, LoKr, DoRA, (IA)³, full/diff and norm are merged")
+    if names and all(_SAFELORAS.fullmatch(n) or source.metadata.get(n) == "<embed>" for n in names):
+        raise FormatError(source.path, "is a cloneofsimo/lora 'safeloras' file, whose modules are numbered in the "
+                          "order a 2022 diffusers built them, not named", "sdport does not guess that order; "
+                          "load it with cloneofsimo/lora and save it with diffusers' save_lora_weights")
     if any(_KOHYA.fullmatch(n) for n in names):
         return _kohya(source, names, alphas)
     if any(_OLD.fullmatch(n) for n in names):

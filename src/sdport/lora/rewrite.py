@@ -26,8 +26,8 @@ from ..io import open_tensors
 from ..io.atomic import check_target
 from ..io.base import Slot, TensorSource
 from ..io.safetensors import SafetensorsWriter
-from ..patches import delta, dora_axis
-from .formats import ROLES, Module, base_family, parse, read_alphas
+from ..patches import MAGNITUDES, delta, dora_axis
+from .formats import ROLES, Module, base_family, parse, rank_role, read_alphas
 from .merge import parse_spec
 from .names import dotted, is_attention, text_path, underscored, unet_to_diffusers, unet_to_sgm
 from .svd import factorize
@@ -69,13 +69,17 @@ class Out:
         return f"{self.component}:{self.path}"
 
     @property
-    def rank(self) -> int:
-        return self.factors["down"].shape[0]
+    def rank(self) -> int | None:
+        key = rank_role(self.kind, self.factors)
+        return self.factors[key].shape[0] if key else None
 
     @property
     def scale(self) -> float:
-        alpha = self.alpha or self.rank
-        return alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+        """alpha/rank (alpha/√rank with rs-LoRA); 1 for algorithms without a rank."""
+        rank = self.rank
+        if not rank:
+            return 1.0
+        return (self.alpha or rank) / (math.sqrt(rank) if self.rslora else rank)
 
 
 @dataclass
@@ -149,22 +153,20 @@ def computed(a: np.ndarray, dtype: str) -> Lazy:
 
 def as_lora(out: Out, rank: int, dtype: str) -> tuple[Out, float]:
     """A LoRA of at most ``rank`` closest to the module's ΔW (SVD), and its relative error."""
-    if out.kind in ("ia3", "norm") or "bias" in out.factors or ("dora" in out.factors and out.kind != "lora"):
+    """A LoRA of at most ``rank`` closest to the module's scaled ΔW (SVD, alpha = rank), and its relative error.
+
+    A DoRA magnitude is kept: it renormalises W + ΔW, whatever factors ΔW comes from.
+    """
+    if out.kind in ("ia3", "norm") or "bias" in out.factors:
         raise SdportError(None, f"{out.label} ({out.kind}) cannot be written as a LoRA", "keep it in kohya format")
-    roles = {r: f for r, f in out.factors.items() if r not in ("dora", "magnitude")}
-    scale = out.scale if out.kind == "lora" else _lycoris_scale(out)
-    d = scale * delta({"full": "diff"}.get(out.kind, out.kind), {r: f.get() for r, f in roles.items()})
+    roles = {r: f for r, f in out.factors.items() if r not in MAGNITUDES}
+    d = out.scale * delta({"full": "diff"}.get(out.kind, out.kind), {r: f.get() for r, f in roles.items()})
     shape = _kernel_shape(out.path, d.shape)
     up, down, error = factorize(d.reshape(shape[0], -1), rank)
     factors = {"up": computed(up.reshape(shape[0], -1, *([1] * (len(shape) - 2))), dtype),
-               "down": computed(down.reshape(down.shape[0], *shape[1:]), dtype)}
+               "down": computed(down.reshape(down.shape[0], *shape[1:]), dtype),
+               **{r: f for r, f in out.factors.items() if r in MAGNITUDES}}
     return Out(out.component, out.path, "lora", factors, float(up.shape[1])), error
-
-
-def _lycoris_scale(out: Out) -> float:
-    key = {"loha": "w1b"}.get(out.kind) or ("w2b" if "w2b" in out.factors else "w1b" if out.kind == "lokr" else "")
-    rank = out.factors[key].shape[0] if key in out.factors else None
-    return (out.alpha or rank) / rank if rank else 1.0
 
 
 def _kernel_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
