@@ -8,6 +8,7 @@ of the originals (both checked against diffusers and kohya's formula in test_lor
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -106,6 +107,16 @@ def test_kohya_to_peft_and_back_is_bit_exact_and_diffusers_loads_the_peft_file(s
                 key = f"{comp}.{n}" if f"{comp}.{n}" in ours else f"{comp}.{n.removeprefix('text_model.')}"
                 torch.testing.assert_close(ours[key], want[n], rtol=1e-5, atol=1e-6)
     assert changed > 20
+    # metadata: training facts kept, hashes of the old file's bytes dropped; an alpha of 0 means alpha = rank
+    sd = _load(setup["a"])
+    sd.update({k: torch.tensor(0.0) for k in sd if k.startswith("lora_unet_") and k.endswith(".alpha")})
+    zero = str(tmp_path / "zero.safetensors")
+    safetensors.torch.save_file(sd, zero, metadata={"ss_output_name": "style", "sshs_model_hash": "dead"})
+    assert run_cli("lora", "convert", zero, str(tmp_path / "z.safetensors"), "--to", "peft").code == 0
+    with safetensors.safe_open(str(tmp_path / "z.safetensors"), "np") as f:
+        meta = f.metadata()
+    assert meta["ss_output_name"] == "style" and "sshs_model_hash" not in meta
+    assert json.loads(meta["lora_adapter_metadata"])["unet.lora_alpha"] == 4.0  # the UNet modules' rank
 
 
 def test_every_unet_naming_reads_as_the_same_modules(setup, tmp_path) -> None:
@@ -232,6 +243,14 @@ def test_loha_becomes_lora_only_with_a_rank_and_says_how_close(tmp_path) -> None
     # rank 2: the error reported is the best any rank-2 factorisation reaches (Eckart–Young, torch's SVD)
     r = run_cli("lora", "convert", loha, str(tmp_path / "r2.safetensors"), "--to", "peft", "--rank", "2")
     assert r.code == 0, r.err
+    # diffusers loads the PEFT file (1×1 conv factors with their kernel dims) and fuses it like sdport merges it
+    oracle = diffusers.StableDiffusionPipeline.from_pretrained(ref)
+    oracle.load_lora_weights(str(tmp_path / "r2.safetensors"))
+    oracle.fuse_lora()
+    oracle.unload_lora_weights()
+    ours = _merge(setup, tmp_path / "m3", str(tmp_path / "r2.safetensors"))
+    for k, v in oracle.unet.state_dict().items():
+        torch.testing.assert_close(ours[f"unet.{k}"], v, rtol=1e-5, atol=1e-6)
     result = sdport.lora.convert(loha, str(tmp_path / "r2b.safetensors"), to="kohya", rank=2)
     lm = next(m for m in net.unet_loras if m.lora_name.endswith("attn1_to_q"))
     with torch.no_grad():

@@ -64,6 +64,9 @@ def convert_cmd(src: str, dst: str, to: str | None, dtype: str, fmt: str | None,
                 prediction_type: str | None, loras: tuple[str, ...], allow_unmatched: bool, allow_unknown: bool,
                 force: bool, report: bool, quiet: bool) -> None:
     """Convert SRC to DST (another format, layout or dtype), streaming, atomically."""
+    # sdport's own workers compute LoRA updates; OpenBLAS's pool on top of them only spins (2× the CPU time of a
+    # merge on two cores). numpy is not imported yet here; a user's explicit setting wins.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from .conversion import convert
 
     result = convert(src, dst, to=to, dtype=dtype, format=fmt, ema=ema, components=components,
@@ -157,9 +160,6 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
     from .errors import SdportError
 
-    # sdport runs its own worker threads; OpenBLAS's own pool on top of them only spins (2× the CPU time of a
-    # LoRA merge on two cores). Set before numpy is first imported; a user's explicit setting wins.
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:

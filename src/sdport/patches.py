@@ -64,7 +64,7 @@ def delta(kind: str, f: dict[str, np.ndarray]) -> np.ndarray:
     """ΔW of one patch from its factors by role, in fp32."""
     f = {k: cast(v, "F32") for k, v in f.items()}
     if kind == "diff":
-        return f["diff"]
+        return np.array(f["diff"])  # a copy: callers scale ΔW in place, and an fp32 factor is not cast
     if kind == "lora":
         if "mid" in f:
             return np.einsum("mnkl,im,nj->ijkl", f["mid"], f["up"].reshape(f["up"].shape[0], -1),

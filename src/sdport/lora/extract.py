@@ -7,7 +7,8 @@ difference is factorised in fp32 (convs flattened to [out, in·kh·kw], the kern
 one module at a time, so memory stays at one weight pair plus the factors written. The rank is
 fixed, or chosen per module as the smallest keeping an energy share within ``min_rank..max_rank``;
 the retained energy of every module is reported, and modules whose difference is at most
-``min_diff`` are left out and counted, per component.
+``min_diff`` are left out and counted, per component. For the old diffusers format, which holds
+attention projections only, only those are extracted.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..errors import SdportError
 from ..families import FAMILIES
 from ..io import open_tensors
 from ..io.base import TensorSource
+from .names import is_attention
 from .resolve import Target, build_index
 from .rewrite import Out, check_format, computed, entries, write
 from .svd import pick_rank, retained, spectrum, split
@@ -86,7 +88,14 @@ def extract(tuned: str, base: str, dst: str, *, rank: int = 32, energy: float | 
             if key.endswith("#bias") or len(target.shape) not in (2, 4) or "embeddings." in key or key not in bi:
                 continue
             component, path = key.split(":", 1)
-            d = _weight(t, target) - _weight(b, bi[key])
+            if to == "diffusers-old" and not is_attention(path):
+                continue  # the old format holds attention projections only
+            tuned_w, base_w = _weight(t, target), _weight(b, bi[key])
+            if tuned_w.shape != base_w.shape:
+                raise SdportError(tuned, f"'{key}' is {list(tuned_w.shape)}, in the base {list(base_w.shape)}",
+                                  "extract from the model it was fine-tuned from (an inpainting model from "
+                                  "an inpainting base)")
+            d = tuned_w - base_w
             biggest = float(np.max(np.abs(d))) if d.size else 0.0
             result.largest[component] = max(result.largest.get(component, 0.0), biggest)
             if biggest <= min_diff:

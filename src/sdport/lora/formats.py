@@ -12,6 +12,7 @@ merge (OFT, GLoRA) are refused by name, never skipped.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -90,6 +91,14 @@ class Module:
     @property
     def label(self) -> str:
         return f"{self.component}:{self.name}"
+
+
+def scale(rank: int | None, alpha: float | None, rslora: bool = False) -> float:
+    """alpha/rank (alpha/√rank with rs-LoRA); alpha missing or 0 means alpha = rank, as kohya and LyCORIS read
+    it; 1 without a rank (a LoKr of two full halves, (IA)³, diff)."""
+    if not rank:
+        return 1.0
+    return (alpha or rank) / (math.sqrt(rank) if rslora else rank)
 
 
 def rank_role(kind: str, roles: Iterable[str]) -> str | None:

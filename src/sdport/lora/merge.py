@@ -21,7 +21,7 @@ from ..io import open_tensors
 from ..io.base import TensorSource
 from ..patches import Patch, fits
 from ..plan import Plan
-from .formats import Adapter, Module, base_family, module_kind, parse, read_alphas
+from .formats import Adapter, Module, base_family, module_kind, parse, read_alphas, scale
 from .resolve import Target, build_index
 
 
@@ -118,12 +118,8 @@ def _patch(source: TensorSource, adapter: Adapter, module: Module, roles: tuple[
     if roles == ("bias",):  # a bias update is a plain difference, whatever the algorithm of the weight's
         patch = Patch(target.tensor, (names[module.factors["bias"]],), ("diff",), 1.0, "diff", target.rows, ratio)
     else:
-        rank = module.rank(source)
-        # alpha missing or 0 means alpha = rank, as kohya and LyCORIS read it; a LoKr of two full halves has no rank
-        divisor = (math.sqrt(rank) if module.rslora else rank) if rank else None
-        scale = (module.alpha or rank) / divisor if divisor else 1.0
-        patch = Patch(target.tensor, tuple(names[module.factors[r]] for r in roles), roles, scale, module.patch_kind,
-                      target.rows, ratio)
+        patch = Patch(target.tensor, tuple(names[module.factors[r]] for r in roles), roles,
+                      scale(module.rank(source), module.alpha, module.rslora), module.patch_kind, target.rows, ratio)
     shapes = [source.tensors[module.factors[r]].shape for r in roles]
     if not fits(patch, target.shape, shapes):
         raise SdportError(adapter.path, f"{module.kind} module '{module.label}' ({[list(s) for s in shapes]}) does "

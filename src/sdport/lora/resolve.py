@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ..families import FAMILIES, Part
 from ..io.base import TensorSource
 from ..layouts import part_links, part_prefix
+from .names import text_path
 
 PARAMS = (".weight", ".bias")
 
@@ -26,11 +27,6 @@ class Target:
     tensor: str
     shape: tuple[int, ...]
     rows: tuple[int, int] | None = None
-
-
-def _hub(name: str) -> str:
-    """A text-encoder name in the Hub's ``text_model.`` convention (transformers >= 5.6 saves it flat)."""
-    return name if name.startswith(("text_model.", "text_projection")) else "text_model." + name
 
 
 def _kohya_names(part: Part, diffusers_module: str, ldm_module: str | None) -> list[str]:
@@ -70,7 +66,7 @@ def build_index(source: TensorSource, family_name: str, diffusers_layout: bool, 
             if diffusers_layout:  # link: diffusers inputs → original name
                 if len(link.inputs) != 1:  # q, k, v fused into in_proj in the original layout: each is its own tensor
                     for name in link.inputs:
-                        _add(index, part, _hub(name) if part.kind != "unet" else name, None, prefix + name,
+                        _add(index, part, text_path(name) if part.kind != "unet" else name, None, prefix + name,
                              shapes[name], None, aliases)
                     continue
                 diffusers_name, ldm_name, rows = link.inputs[0], link.out, None
@@ -82,7 +78,7 @@ def build_index(source: TensorSource, family_name: str, diffusers_layout: bool, 
                 rows = (link.args[1], link.args[2]) if link.op == "split" else None
                 tensor, shape = prefix + ldm_name, shapes[ldm_name]
             if part.kind != "unet":
-                diffusers_name = _hub(diffusers_name)
+                diffusers_name = text_path(diffusers_name)
             _add(index, part, diffusers_name, ldm_name, tensor, shape, rows, aliases)
     return index
 

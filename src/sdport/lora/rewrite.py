@@ -3,7 +3,8 @@
 Every module first gets its canonical name — component and dotted diffusers path (``names``) — so
 any input naming reaches any output naming. Renaming is lossless: factors are copied byte for byte
 and alpha moves between kohya's per-module ``.alpha`` tensor and PEFT's ``lora_alpha`` /
-``alpha_pattern`` metadata, so kohya → PEFT → kohya gives back the same tensors. What a format
+``alpha_pattern`` metadata, so kohya → PEFT → kohya gives back the same tensors (a kohya file
+without alphas comes back with ``alpha = rank`` written out: the same scale). What a format
 cannot hold is refused by name (LoHa in PEFT, an MLP module in the old attention-processor
 format) unless ``rank`` asks for a LoRA re-factorisation by SVD, whose relative error is reported
 per module. ``combine`` concatenates ranks, which is exact: ``[s₁up₁ s₂up₂] @ [down₁; down₂]``.
@@ -27,7 +28,7 @@ from ..io.atomic import check_target
 from ..io.base import Slot, TensorSource
 from ..io.safetensors import SafetensorsWriter
 from ..patches import MAGNITUDES, delta, dora_axis
-from .formats import ROLES, Module, base_family, parse, rank_role, read_alphas
+from .formats import ROLES, Module, base_family, parse, rank_role, read_alphas, scale
 from .merge import parse_spec
 from .names import dotted, is_attention, text_path, underscored, unet_to_diffusers, unet_to_sgm
 from .svd import factorize
@@ -75,11 +76,7 @@ class Out:
 
     @property
     def scale(self) -> float:
-        """alpha/rank (alpha/√rank with rs-LoRA); 1 for algorithms without a rank."""
-        rank = self.rank
-        if not rank:
-            return 1.0
-        return (self.alpha or rank) / (math.sqrt(rank) if self.rslora else rank)
+        return scale(self.rank, self.alpha, self.rslora)
 
 
 @dataclass
@@ -151,17 +148,19 @@ def computed(a: np.ndarray, dtype: str) -> Lazy:
     return Lazy(dtype, a.shape, lambda: a)
 
 
-def as_lora(out: Out, rank: int, dtype: str) -> tuple[Out, float]:
-    """A LoRA of at most ``rank`` closest to the module's ΔW (SVD), and its relative error."""
+def refactorable(out: Out) -> bool:
+    """Whether the module is a ΔW LoRA can approximate but not hold as it is (LoHa, LoKr, Tucker, full)."""
+    return (out.kind in ("loha", "lokr", "full") or "mid" in out.factors) and "bias" not in out.factors
+
+
+def as_lora(out: Out, rank: int, dtype: str, family: str) -> tuple[Out, float]:
     """A LoRA of at most ``rank`` closest to the module's scaled ΔW (SVD, alpha = rank), and its relative error.
 
     A DoRA magnitude is kept: it renormalises W + ΔW, whatever factors ΔW comes from.
     """
-    if out.kind in ("ia3", "norm") or "bias" in out.factors:
-        raise SdportError(None, f"{out.label} ({out.kind}) cannot be written as a LoRA", "keep it in kohya format")
     roles = {r: f for r, f in out.factors.items() if r not in MAGNITUDES}
     d = out.scale * delta({"full": "diff"}.get(out.kind, out.kind), {r: f.get() for r, f in roles.items()})
-    shape = _kernel_shape(out.path, d.shape)
+    shape = _kernel_shape(out.path, d.shape, family)
     up, down, error = factorize(d.reshape(shape[0], -1), rank)
     factors = {"up": computed(up.reshape(shape[0], -1, *([1] * (len(shape) - 2))), dtype),
                "down": computed(down.reshape(down.shape[0], *shape[1:]), dtype),
@@ -169,10 +168,15 @@ def as_lora(out: Out, rank: int, dtype: str) -> tuple[Out, float]:
     return Out(out.component, out.path, "lora", factors, float(up.shape[1])), error
 
 
-def _kernel_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """ΔW's shape with its conv kernel: a LoHa on a 3×3 conv stores it flattened to [out, in·9]."""
-    if len(shape) == 2 and path.endswith(CONV3X3) and shape[1] % 9 == 0:
+def _kernel_shape(path: str, shape: tuple[int, ...], family: str) -> tuple[int, ...]:
+    """ΔW's shape with its conv kernel: LoHa and LoKr store a conv's flattened, [out, in·kh·kw]."""
+    if len(shape) != 2 or not path.startswith(("down_blocks", "up_blocks", "mid_block", "conv_")):
+        return shape
+    if path.endswith(CONV3X3) and shape[1] % 9 == 0:
         return (shape[0], shape[1] // 9, 3, 3)
+    # 1×1 convs: every resnet's shortcut, and SD1's attention projections (SD2 and SDXL made them linear)
+    if path.endswith("conv_shortcut") or (family == "sd1" and path.endswith(("proj_in", "proj_out"))):
+        return (*shape, 1, 1)
     return shape
 
 
@@ -210,9 +214,10 @@ def _kohya(o: Out, sdxl: bool, family: str, alpha_dtype: str, tensors: dict[str,
         suffix = {"dora": "dora_scale", "bias": "b_norm" if o.kind == "norm" else "diff_b"}.get(role) \
             or SUFFIX[(o.kind, role)]
         tensors[f"{name}.{suffix}"] = t
-    if o.alpha is not None:
-        alpha = o.alpha * math.sqrt(o.rank) if o.rslora else o.alpha  # rs-LoRA as LyCORIS stores it: alpha/r works
-        tensors[f"{name}.alpha"] = computed(np.float32(alpha), alpha_dtype)
+    if o.rslora:  # rs-LoRA as LyCORIS stores it, so that alpha/rank gives the scale
+        tensors[f"{name}.alpha"] = computed(np.float32((o.alpha or o.rank) * math.sqrt(o.rank)), alpha_dtype)
+    elif o.alpha is not None:
+        tensors[f"{name}.alpha"] = computed(np.float32(o.alpha), alpha_dtype)
     if o.kind == "ia3":
         tensors[f"{name}.on_input"] = Lazy("I64", (), lambda v=int(o.on_input): np.array(v, np.int64))
 
@@ -234,14 +239,13 @@ def _peft(outs: list[Out], tensors: dict[str, Lazy], alpha_dtype: str) -> dict[s
             raise SdportError(None, f"{comp}: some modules use DoRA (or rs-LoRA) and some do not",
                               "PEFT sets that once per component; keep kohya format")
         ranks = Counter(o.rank for o in mine)
-        alphas = Counter(o.alpha if o.alpha is not None else float(o.rank) for o in mine)
+        alphas = Counter(o.alpha or float(o.rank) for o in mine)  # alpha 0 means alpha = rank; PEFT's 0 is 0
         r, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
         # PEFT matches these by suffix: without text_model. they fit CLIP with and without that level
         key = {o.path: o.path.removeprefix("text_model.") for o in mine}
         configs[comp] = {"r": r, "lora_alpha": alpha, "target_modules": sorted(key.values()),
                          "rank_pattern": {key[o.path]: o.rank for o in mine if o.rank != r},
-                         "alpha_pattern": {key[o.path]: a for o in mine
-                                           if (a := o.alpha if o.alpha is not None else float(o.rank)) != alpha},
+                         "alpha_pattern": {key[o.path]: a for o in mine if (a := o.alpha or float(o.rank)) != alpha},
                          "use_dora": dora.pop(), "use_rslora": mine[0].rslora}
         for o in mine:
             base = f"{comp}.{o.path}"
@@ -301,16 +305,23 @@ def convert_adapter(src: str, dst: str, *, to: str, rank: int | None = None, dty
         if rank is not None:
             if rank < 1:
                 raise SdportError(None, f"--rank {rank} is not a positive number", None)
-            for k, o in enumerate(outs):
-                if o.kind != "lora" or "mid" in o.factors:
+            for k, o in enumerate(outs):  # (IA)³, norm and bias updates stay as they are: kohya holds them
+                if refactorable(o):
                     factor_dtype = dtype or next(iter(o.factors.values())).dtype
-                    outs[k], errors[o.label] = as_lora(o, rank, factor_dtype)
+                    outs[k], errors[o.label] = as_lora(o, rank, factor_dtype, family)
         tensors, metadata = entries(outs, to, family, alpha_dtype)
-        kept = {k: v for k, v in source.metadata.items() if k.startswith(("ss_", "modelspec.", "sshs_"))}
-        write(dst, tensors, {**kept, **metadata}, force=force, inputs=[src])
+        write(dst, tensors, {**kept_metadata(source.metadata, refactored=bool(errors)), **metadata}, force=force,
+              inputs=[src])
     notes = [f"alpha/rank folded into lora up for {sum(o.scale != 1.0 for o in outs)} modules (the format has "
              "no alpha; values rounded once)"] if to == "diffusers-old" and any(o.scale != 1.0 for o in outs) else []
     return Written(dst, to, len(outs), len(tensors), errors, notes)
+
+
+def kept_metadata(metadata: dict[str, str], *, refactored: bool) -> dict[str, str]:
+    """The training metadata worth carrying over: not the hashes of the old file's bytes, nor, once modules were
+    re-factorised, what says which network algorithm and rank made them."""
+    stale = ("sshs_", "modelspec.hash_") + (("ss_network_",) if refactored else ())
+    return {k: v for k, v in metadata.items() if k.startswith(("ss_", "modelspec.")) and not k.startswith(stale)}
 
 
 def combine(specs: list[str], dst: str, *, to: str = "kohya", dtype: str = "F32", force: bool = False) -> Written:
