@@ -47,8 +47,8 @@ def inspect_cmd(source: str, as_json: bool) -> None:
 @click.argument("dst")
 @click.option("--to", type=click.Choice(["single-file", "diffusers"]), help="Output layout (default: from DST).")
 @click.option("--dtype", default="keep", type=click.Choice(["keep", "fp32", "fp16", "bf16"]), show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["safetensors", "ckpt"]),
-              help="Single-file format (default: from DST's suffix).")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "ckpt", "mindspore"]),
+              help="Single-file format (default: from DST's suffix; .ckpt is PyTorch's).")
 @click.option("--ema", is_flag=True, help="Convert the UNet's EMA copy instead of its plain weights.")
 @click.option("--components", help="Only these parts, comma-separated: unet,vae,text_encoder,text_encoder_2.")
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]),

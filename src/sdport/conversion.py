@@ -39,8 +39,8 @@ class ConvertResult:
 
 def _target_format(dst: str, fmt: str | None) -> str:
     if fmt is not None:
-        if fmt not in ("safetensors", "ckpt"):
-            raise SdportError(None, f"unknown --format {fmt!r}", "use safetensors or ckpt")
+        if fmt not in ("safetensors", "ckpt", "mindspore"):
+            raise SdportError(None, f"unknown --format {fmt!r}", "use safetensors, ckpt or mindspore")
         return fmt
     if dst.endswith(CKPT_SUFFIXES):
         return "ckpt"

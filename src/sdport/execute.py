@@ -18,6 +18,7 @@ import numpy as np
 from .dtypes import BY_CODE, cast
 from .io.atomic import AtomicDir, check_target
 from .io.base import TensorInfo, TensorSource
+from .io.mindspore import MindSporeWriter
 from .io.safetensors import SafetensorsWriter
 from .io.torch import TorchWriter
 from .io.writer import StreamWriter
@@ -37,6 +38,8 @@ def writer_for(out: OutputFile, target: str, *, force: bool) -> StreamWriter:
         return SafetensorsWriter(target, force=force)
     if out.format == "ckpt":
         return TorchWriter(target, force=force, root=out.root)
+    if out.format == "mindspore":
+        return MindSporeWriter(target, force=force)
     raise ValueError(f"unknown output format {out.format}")
 
 

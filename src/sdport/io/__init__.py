@@ -28,22 +28,27 @@ def sniff_format(path: str) -> str:
         if head.startswith(magic):
             raise FormatError(path, f"not a supported checkpoint format ({name}-compressed)",
                               "decompress it first")
+    from .mindspore import looks_like
+
+    if looks_like(head):
+        return "mindspore"
     kind = sniff(path)
     if kind is None:
         if len(head) < 8:
             raise FormatError(path, "file too small to be a model", None)
         raise FormatError(path, "not a supported checkpoint format", "sdport reads safetensors, "
-                          "PyTorch .ckpt/.pt/.bin and diffusers folders")
+                          "PyTorch .ckpt/.pt/.bin, MindSpore .ckpt and diffusers folders")
     return kind
 
 
 def open_file(path: str) -> TensorSource:
     """Open one weights file of any supported format."""
+    from .mindspore import open_mindspore
     from .safetensors import open_safetensors
     from .torch import open_plain_pickle, open_torch_legacy, open_torch_zip
 
-    opener = {"safetensors": open_safetensors, "torch-zip": open_torch_zip,
-              "torch-legacy": open_torch_legacy, "pickle": open_plain_pickle}[sniff_format(path)]
+    opener = {"safetensors": open_safetensors, "torch-zip": open_torch_zip, "torch-legacy": open_torch_legacy,
+              "pickle": open_plain_pickle, "mindspore": open_mindspore}[sniff_format(path)]
     return opener(path)
 
 

@@ -46,6 +46,7 @@ class TensorInfo:
     nbytes: int
     strides: tuple[int, ...] | None = None
     storage_nbytes: int = 0
+    chunks: tuple[tuple[int, int], ...] | None = None  # (offset, nbytes) pieces in file order (MindSpore > 512 MiB)
 
     @property
     def numel(self) -> int:
@@ -53,7 +54,8 @@ class TensorInfo:
 
     @property
     def contiguous(self) -> bool:
-        return self.strides is None
+        """One byte range in ``file`` (not a strided view, not in chunks)."""
+        return self.strides is None and self.chunks is None
 
 
 @dataclass
@@ -103,20 +105,31 @@ class TensorSource:
         ``start``/``count`` select a byte range of it; by default all of it.
         """
         if count is None:
-            count = (info.nbytes if info.contiguous else info.storage_nbytes) - start
+            count = (info.nbytes if info.strides is None else info.storage_nbytes) - start
         buf = np.empty(count, dtype=np.uint8)
         view = memoryview(buf)
-        fd, done = self.fd(info.file), 0
+        if info.chunks:  # a tensor stored in pieces: each piece's share of [start, start + count)
+            at = 0
+            for offset, nbytes in info.chunks:
+                lo, hi = max(start, at), min(start + count, at + nbytes)
+                if lo < hi:
+                    self._pread(info, view[lo - start:hi - start], offset + lo - at)
+                at += nbytes
+            return buf
+        self._pread(info, view, info.offset + start)
+        return buf
+
+    def _pread(self, info: TensorInfo, view: memoryview, offset: int) -> None:
+        fd, done, count = self.fd(info.file), 0, len(view)
         while done < count:
             try:
-                n = os.preadv(fd, [view[done:]], info.offset + start + done)
+                n = os.preadv(fd, [view[done:]], offset + done)
             except OSError as exc:
                 raise FormatError(info.file, f"read error ({exc.strerror or exc})",
                                   "the disk holding the input failed") from exc
             if n == 0:
                 raise FormatError(info.file, f"file ends inside tensor '{info.name}'", "the file is truncated")
             done += n
-        return buf
 
     def read_flat(self, info: TensorInfo, start: int, count: int) -> np.ndarray:
         """``count`` bytes of a contiguous tensor from byte ``start``, as a flat array of its dtype."""
@@ -127,7 +140,7 @@ class TensorSource:
         info = self.tensors[name]
         dt = BY_CODE[info.dtype].numpy
         raw = self.read_bytes(info).view(dt)
-        if info.contiguous:
+        if info.strides is None:
             return raw.reshape(info.shape)
         strided = np.lib.stride_tricks.as_strided(
             raw, info.shape, tuple(s * dt.itemsize for s in info.strides), writeable=False)
