@@ -113,3 +113,33 @@ def test_configs_derived_from_full_size_shapes_equal_the_released_ones(released)
     for comp, cfg in TEXT[name].items():
         text = json.loads(plan.extra[f"{comp}/config.json"])
         assert {k: text[k] for k in cfg} == cfg, comp
+
+
+def test_full_size_mindone_names_map_every_tensor_and_read_back(released) -> None:
+    """Original single file → MindOne: every tensor renamed by rule (or left out, SD2's last text layer and its
+    projection), the names MindOne's key lists use, and read back to the same names and shapes."""
+    from sdport.conversion import repackage_plan
+    from sdport.mindone import to_mindone, view
+
+    name, comps = released
+    folder = _source({f"{c}.{k}": s for c, shapes in comps.items() for k, s in shapes.items()}, "diffusers")
+    original = _source({t.name: t.shape for t in to_single_file(folder, name, LayoutRequest()).files[0].tensors},
+                       "safetensors")
+    plan = to_mindone(repackage_plan(original, "safetensors", None, ""), name, None)
+    ms = {t.name: t.shape for t in plan.files[0].tensors}
+    validate(plan, original)
+    assert all(not n.endswith((".weight", ".bias")) or "norm" not in n.rsplit(".", 2)[-2] for n in ms)
+    known = {"sd1": "cond_stage_model.transformer.transformer_layer.resblocks.11.attn.attn.in_proj.weight",
+             "sd2": "cond_stage_model.transformer.transformer_layer.resblocks.22.attn.attn.in_proj.weight",
+             "sdxl-base": "conditioner.embedders.1.model.token_embedding.embedding_table",
+             "sdxl-refiner": "conditioner.embedders.0.model.ln_final.gamma"}
+    assert known[name] in ms
+    if name in ("sd1", "sd2"):
+        assert "model.diffusion_model.input_blocks.1.0.in_layers_conv.conv.weight" in ms
+    back = view(_source(ms, "mindspore"))
+    dropped = set(original.tensors) - set(back.tensors)
+    assert set(back.tensors) <= set(original.tensors)
+    assert all(back.tensors[k].shape == original.tensors[k].shape for k in back.tensors)
+    # SD2: diffusers keeps the 23 layers MindOne keeps; what goes is OpenCLIP's projection and logit scale
+    assert dropped == ({"cond_stage_model.model.text_projection", "cond_stage_model.model.logit_scale"}
+                       & set(original.tensors) if name == "sd2" else set())

@@ -45,7 +45,8 @@ def inspect_cmd(source: str, as_json: bool) -> None:
 @cli.command("convert")
 @click.argument("src")
 @click.argument("dst")
-@click.option("--to", type=click.Choice(["single-file", "diffusers"]), help="Output layout (default: from DST).")
+@click.option("--to", type=click.Choice(["single-file", "diffusers", "mindspore"]),
+              help="Output layout (default: from DST); mindspore: a MindOne .ckpt, fp32 unless --dtype.")
 @click.option("--dtype", default="keep", type=click.Choice(["keep", "fp32", "fp16", "bf16"]), show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "ckpt", "mindspore"]),
               help="Single-file format (default: from DST's suffix; .ckpt is PyTorch's).")

@@ -7,8 +7,10 @@ This module owns the choice of output layout and format; family-specific key rul
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+from . import mindone
 from .detect import Detection, detect, prediction_type
 from .dtypes import USER_NAMES
 from .errors import SdportError
@@ -50,8 +52,8 @@ def _target_format(dst: str, fmt: str | None) -> str:
 def _target_layout(dst: str, to: str | None) -> str:
     if to is None:
         to = "single-file" if os.path.splitext(dst)[1] else "diffusers"
-    if to not in ("single-file", "diffusers"):
-        raise SdportError(None, f"unknown --to {to!r}", "use single-file or diffusers")
+    if to not in ("single-file", "diffusers", "mindspore"):
+        raise SdportError(None, f"unknown --to {to!r}", "use single-file, diffusers or mindspore")
     return to
 
 
@@ -102,12 +104,16 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
     """
     src, dst = os.fspath(src), os.fspath(dst)
     layout = _target_layout(dst, to)
+    fmt = "safetensors" if layout == "mindspore" else _target_format(dst, format)
     request = LayoutRequest(dtype=_dtype_code(dtype), ema=ema, components=_components(components),
-                            prediction_type=_prediction_type(prediction_type), fmt=_target_format(dst, format))
-    with open_tensors(src) as source:
+                            prediction_type=_prediction_type(prediction_type), fmt=fmt)
+    with open_tensors(src) as raw, (mindone.view(raw) or nullcontext(raw)) as source:
         found = detect(source.tensors, source.metadata)
         from_diffusers = source.format == "diffusers" or found.layout == "diffusers"
-        if layout == "diffusers" and not from_diffusers:
+        if layout == "mindspore":  # the original single file's plan, renamed at the end
+            plan = to_single_file(source, _family(source, found), request) if from_diffusers else \
+                repackage_plan(source, fmt, request.dtype, "")
+        elif layout == "diffusers" and not from_diffusers:
             plan = to_diffusers(source, _family(source, found), _prediction(request, found), variant=found.variant)
         elif layout == "single-file" and from_diffusers:
             plan = to_single_file(source, _family(source, found), request)
@@ -127,6 +133,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
             ema_copies = {k: ema_name(k) for k in source.tensors if k.startswith(UNET.ldm_prefix)} if ema else {}
             merged, reports = merge_adapters(plan, source, _family(source, found), from_diffusers, list(loras),
                                              allow_unmatched=allow_unmatched, read_as=ema_copies)
+        if layout == "mindspore":
+            plan = mindone.to_mindone(plan, _family(source, found), request.dtype)
         try:
             validate(plan, merged, allow_unknown=allow_unknown)
             execute(plan, merged, dst, force=force, progress=progress)

@@ -23,8 +23,15 @@ def inspect(source: str | os.PathLike) -> dict[str, Any]:
         >>> sdport.inspect("model.safetensors")["family"]
         'sd1'
     """
+    from .mindone import view
+
     with open_tensors(source) as src:
-        found = detect(src.tensors, src.metadata)
+        original = view(src)
+        found = detect((original or src).tensors, src.metadata)
+        if original is not None:
+            found.layout = "mindone"
+            found.evidence.append(f"MindOne names ({original.metadata['sdport.mindone_family']} rules), "
+                                  "read as the original layout")
         infos = list(src.tensors.values())
         files = sorted({i.file for i in infos})
         prefixes = Counter(_prefix(name) for name in src.tensors)

@@ -70,12 +70,12 @@ def _rename(table: tuple[Rename, ...], rest: str, side: int) -> tuple[str, bool]
     return None
 
 
-_FIELDS = {"i": r"(?P<i>\d+)", "p": r"(?P<p>weight|bias)", "rest": r"(?P<rest>.+)"}
+_FIELDS = {"i": r"(?P<i>\d+)", "j": r"(?P<j>\d+)", "p": r"(?P<p>weight|bias)", "rest": r"(?P<rest>.+)"}
 
 
 @dataclass(frozen=True)
 class Pattern:
-    """One row of a ``PatternMap``: templates with ``{i}`` (a number), ``{p}`` (weight/bias), ``{rest}``."""
+    """One row of a ``PatternMap``: templates with ``{i}``/``{j}`` (numbers), ``{p}`` (weight/bias), ``{rest}``."""
 
     ldm: str
     diffusers: str
