@@ -133,3 +133,57 @@ def test_lora_merged_into_a_mindone_base(fam, tmp_path) -> None:
     fused = merged["cond_stage_model.transformer.transformer_layer.resblocks.0.attn.attn.in_proj.weight"]
     k_rows = fused[original[te].shape[0]: 2 * original[te].shape[0]]
     np.testing.assert_allclose(k_rows, expected[te], rtol=1e-6, atol=1e-6)
+
+
+def _mindone_lora(path: str, base: dict[str, np.ndarray], targets: list[str], sdxl: bool) -> dict[str, tuple]:
+    """A MindOne LoRA checkpoint (SD1/2: lora_down/lora_up; SDXL: lora_A/lora_B), written as MindSpore does."""
+    from sdport.io.base import Slot
+    from sdport.io.mindspore import MindSporeWriter
+
+    g = np.random.default_rng(7)
+    tensors, factors = {}, {}
+    for name in targets:
+        w = base[name]
+        up = g.standard_normal((w.shape[0], 2)).astype(np.float32)
+        down = g.standard_normal((2, int(np.prod(w.shape[1:])))).astype(np.float32)
+        stem = name[: -len(".weight")]
+        tensors[f"{stem}.{'lora_A' if sdxl else 'lora_down'}.weight"] = down
+        tensors[f"{stem}.{'lora_B' if sdxl else 'lora_up'}.weight"] = up
+        factors[name] = (up, down)
+    with MindSporeWriter(path) as w:
+        w.begin([Slot(n, "F32", a.shape) for n, a in tensors.items()])
+        for n, a in tensors.items():
+            w.write(n, a)
+        w.commit()
+    return factors
+
+
+def test_mindone_loras_merge_with_the_alpha_the_user_gives_and_convert_to_kohya(fam, tmp_path) -> None:
+    if fam["name"] not in ("sd1", "sdxl-base"):
+        pytest.skip("MindOne publishes LoRA training for SD1/SD2 and SDXL; one of each")
+    base = _read(fam["ms"])
+    attn = "model.diffusion_model.{}.1.transformer_blocks.0.{}.weight"
+    blocks = ("input_blocks.1", "output_blocks.3") if fam["name"] == "sd1" else ("input_blocks.4", "output_blocks.1")
+    targets = [attn.format(b, p) for b in blocks for p in ("attn1.to_q", "attn2.to_k", "attn1.to_out.0")]
+    lora = str(tmp_path / "mindone-lora.ckpt")
+    factors = _mindone_lora(lora, base, targets, fam["name"] == "sdxl-base")
+    out = str(tmp_path / "merged.ckpt")
+    r = run_cli("convert", fam["ms"], out, "--to", "mindspore", "--lora", f"{lora}:0.5", "--lora-alpha", "4",
+                "--report")
+    assert r.code == 0 and "6 modules applied" in r.out, r.err
+    merged = _read(out)
+    for name, (up, down) in factors.items():  # W0 + ratio · alpha/rank · B @ A
+        want = base[name] + np.float32(0.5 * 4 / 2) * (up @ down).reshape(base[name].shape)
+        np.testing.assert_allclose(merged[name], want, rtol=1e-6, atol=1e-6)
+    untouched = [k for k in base if k not in factors]
+    assert all(np.array_equal(merged[k], base[k]) for k in untouched)
+    # lossless to kohya: the same factors under kohya's names, which merge to the same weights
+    kohya = str(tmp_path / "kohya.safetensors")
+    assert run_cli("lora", "convert", lora, kohya, "--to", "kohya").code == 0
+    converted = safetensors.torch.load_file(kohya)
+    assert len(converted) == 12 and all(k.startswith("lora_unet_") for k in converted)
+    a, b = str(tmp_path / "a.ckpt"), str(tmp_path / "b.ckpt")
+    assert run_cli("convert", fam["ms"], a, "--to", "mindspore", "--lora", lora).code == 0
+    assert run_cli("convert", fam["ms"], b, "--to", "mindspore", "--lora", kohya).code == 0
+    with open(a, "rb") as x, open(b, "rb") as y:
+        assert x.read() == y.read()

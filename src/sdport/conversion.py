@@ -79,7 +79,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
             format: str | None = None, ema: bool = False, components: str | list[str] | None = None,
             prediction_type: str | None = None, loras: list[str] | tuple[str, ...] = (),
             allow_unmatched: bool = False, allow_unknown: bool = False, force: bool = False,
-            progress: bool = False) -> ConvertResult:
+            progress: bool = False, lora_alpha: float | None = None) -> ConvertResult:
     """Convert a model file or folder to another layout, format or dtype.
 
     Args:
@@ -93,6 +93,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
         prediction_type: ``epsilon`` or ``v_prediction``, where the file cannot tell.
         loras: adapters to merge, each ``FILE`` or ``FILE:RATIO`` (kohya, diffusers/PEFT, old diffusers).
         allow_unmatched: merge what matches when some adapter modules match no base weight.
+        lora_alpha: the alpha of adapter modules whose file stores none (MindOne LoRAs); else alpha = rank.
         allow_unknown: tensors no rule knows are copied (single file) or left out (diffusers) instead of refused.
         force: replace an existing output.
 
@@ -132,7 +133,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
         if loras:
             ema_copies = {k: ema_name(k) for k in source.tensors if k.startswith(UNET.ldm_prefix)} if ema else {}
             merged, reports = merge_adapters(plan, source, _family(source, found), from_diffusers, list(loras),
-                                             allow_unmatched=allow_unmatched, read_as=ema_copies)
+                                             allow_unmatched=allow_unmatched, read_as=ema_copies,
+                                             default_alpha=lora_alpha)
         if layout == "mindspore":
             plan = mindone.to_mindone(plan, _family(source, found), request.dtype)
         try:

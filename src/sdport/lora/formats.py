@@ -46,6 +46,8 @@ _KOHYA = re.compile(r"(lora_unet|lora_te1|lora_te2|lora_te|lycoris)_([^.]+)\.("
                     + "|".join(re.escape(k) for k in (*ROLES, *SCALARS)) + ")")
 _PEFT = re.compile(r"(?:base_model\.model\.)?(?:(unet|text_encoder_2|text_encoder)\.)?(.+)\."
                    r"(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)")
+#: MindOne's SD1/SD2 LoRA (MindSpore .ckpt): lora_down/lora_up on the original UNet paths, no alpha stored
+_MINDONE = re.compile(r"(model\.diffusion_model\.[^:]+)\.(lora_down|lora_up)\.weight")
 _SAFELORAS = re.compile(r"(unet|text_encoder):\d+:(up|down)")
 PEFT_ROLES = {"lora_A.weight": "down", "lora_B.weight": "up", "lora_magnitude_vector": "magnitude",
               "lora_magnitude_vector.weight": "magnitude"}
@@ -135,6 +137,8 @@ def parse(source: TensorSource, alphas: dict[str, float]) -> Adapter:
         return _kohya(source, names, alphas)
     if any(_OLD.fullmatch(n) for n in names):
         return _old_diffusers(source, names)
+    if names and all(_MINDONE.fullmatch(n) for n in names):
+        return _mindone(source, names)
     if any(_PEFT.fullmatch(n) for n in names):
         return _peft(source, names, alphas)
     raise FormatError(source.path, "not a LoRA adapter sdport recognises",
@@ -201,6 +205,15 @@ def _old_diffusers(source: TensorSource, names: list[str]) -> Adapter:
         mod = modules.setdefault((component, path), Module(component, path, "diffusers", kind="lora"))
         mod.factors[m[4]] = name
     return Adapter(source.path, "diffusers-old", _complete(source, modules), [])
+
+
+def _mindone(source: TensorSource, names: list[str]) -> Adapter:
+    modules: dict[str, Module] = {}
+    for name in names:
+        m = _MINDONE.fullmatch(name)
+        mod = modules.setdefault(m[1], Module("unet", m[1], "diffusers", kind="lora"))
+        mod.factors["up" if m[2] == "lora_up" else "down"] = name
+    return Adapter(source.path, "mindone", _complete(source, modules), [])
 
 
 def _guess_component(path: str) -> str:

@@ -56,9 +56,11 @@ def parse_spec(spec: str) -> tuple[str, float]:
 
 
 def merge_adapters(plan: Plan, base: TensorSource, family: str, diffusers_layout: bool, specs: list[str], *,
-                   allow_unmatched: bool = False, read_as: dict[str, str] | None = None
-                   ) -> tuple[TensorSource, list[AdapterReport]]:
+                   allow_unmatched: bool = False, read_as: dict[str, str] | None = None,
+                   default_alpha: float | None = None) -> tuple[TensorSource, list[AdapterReport]]:
     """Attach every adapter in ``specs`` to ``plan`` as patches; returns the combined source to execute with.
+
+    ``default_alpha`` is the alpha of modules whose file stores none (MindOne's LoRAs; the user says it).
 
     ``read_as`` maps a base weight to the tensor the plan reads in its place (``--ema``: its EMA copy),
     so the update lands on what is written.
@@ -88,6 +90,8 @@ def merge_adapters(plan: Plan, base: TensorSource, family: str, diffusers_layout
                                          for f in module.factors.values()})
                     continue
                 for target, roles in found:
+                    if module.alpha is None and default_alpha is not None:
+                        module.alpha = default_alpha
                     patch = _patch(source, adapter, module, roles, target, names, ratio)
                     patches.setdefault(target.tensor, []).append(patch)
                 report.applied[(module.component, module_kind(source, module))] += 1
