@@ -96,6 +96,24 @@ def lora(data: str, out: str, tools: str) -> list[tuple[str, str, list[str], str
     return ops
 
 
+def mindone(data: str, out: str, tools: str) -> list[tuple[str, str, list[str], str]]:
+    """Full-size SDXL fp16 single file → MindOne fp32 .ckpt and back, each against cp of its output's bytes.
+
+    ``sdxl-mindone.ckpt`` (the floor's input, 13.9 GB) is made once with
+    ``sdport convert sdxl.safetensors sdxl-mindone.ckpt --to mindspore``.
+    """
+    st, ms = os.path.join(data, "sdxl.safetensors"), os.path.join(data, "sdxl-mindone.ckpt")
+    o = lambda name: os.path.join(out, name)  # noqa: E731
+    return [
+        ("sdxl cp+sync mindone", "", _cp(ms, o("cp.ckpt")), o("cp.ckpt")),
+        ("sdxl sdport file -> mindone fp32", "sdxl cp+sync mindone",
+         SDPORT + ["convert", st, o("m.ckpt"), "--to", "mindspore", "-q"], o("m.ckpt")),
+        ("sdxl cp+sync file", "", _cp(st, o("cp.st")), o("cp.st")),
+        ("sdxl sdport mindone -> file fp16", "sdxl cp+sync file",
+         SDPORT + ["convert", ms, o("b.safetensors"), "--dtype", "fp16", "-q"], o("b.safetensors")),
+    ]
+
+
 def repackage(data: str, out: str, tools: str) -> list[tuple[str, str, list[str], str]]:
     """(name, floor name, command, output path): each op is compared with the cp of its input."""
     st, ck = os.path.join(data, "sd15-fp32.safetensors"), os.path.join(data, "sd15-fp32.ckpt")
@@ -121,6 +139,7 @@ def repackage(data: str, out: str, tools: str) -> list[tuple[str, str, list[str]
 
 SUITES = {"repackage": (repackage, ("sd15-fp32.safetensors", "sd15-fp32.ckpt")),
           "layouts": (layouts, ("sd15-ema.safetensors", "sdxl.safetensors", "sd15-diffusers", "sdxl-diffusers")),
+          "mindone": (mindone, ("sdxl.safetensors", "sdxl-mindone.ckpt")),
           "lora": (lora, ("sd15.safetensors", "sdxl.safetensors", "sd15-diffusers", "sdxl-diffusers",
                           "lora-sd15-r32.safetensors", "lora-sdxl-r32.safetensors", "lora-sd15-r32-b.safetensors",
                           "lora-sdxl-r32-b.safetensors"))}

@@ -76,6 +76,7 @@ ADAPTER_FORMATS: tuple[tuple[str, str], ...] = (
     ("lycoris", r".*\.(hada_w1_a|lokr_w1|lokr_w1_a|lokr_w2|on_input|diff|w_norm|b_norm|dora_scale|oft_blocks)"
                 r"(\.weight)?|lycoris_.*"),
     ("kohya", r"lora_(unet|te\d?)_.*\.(lora_down|lora_up)\.weight"),
+    ("mindone", r"model\.diffusion_model\..*\.(lora_down|lora_up|lora_A|lora_B)\.weight"),
     ("peft", r".*\.lora_[AB](\.[A-Za-z_]+)?\.weight"),
     ("diffusers-old", r".*\.processor\..*_lora\.(up|down)\.weight"),
     ("cloneofsimo", r"(unet|text_encoder):\d+:(up|down)"),
