@@ -187,3 +187,32 @@ def test_mindone_loras_merge_with_the_alpha_the_user_gives_and_convert_to_kohya(
     assert run_cli("convert", fam["ms"], b, "--to", "mindspore", "--lora", kohya).code == 0
     with open(a, "rb") as x, open(b, "rb") as y:
         assert x.read() == y.read()
+
+
+def test_a_fine_tuned_unet_folder_goes_into_a_full_mindone_base(fam, tmp_path) -> None:
+    """Like MindOne's convert_diffusers_to_mindone_sdxl.py --sdxl_base_ckpt, by name and shape."""
+    if fam["name"] not in ("sd1", "sdxl-base"):
+        pytest.skip("one SD1-style and one SDXL-style base")
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(fam["ref"], "unet"))
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.mul_(1.5)
+    tuned = str(tmp_path / "unet")
+    unet.save_pretrained(tuned)
+    out = str(tmp_path / "full.ckpt")
+    r = run_cli("convert", tuned, out, "--to", "mindspore", "--base", fam["ms"])
+    assert r.code == 0, r.err
+    base, full = _read(fam["ms"]), _read(out)
+    assert full.keys() == base.keys()
+    changed = [k for k in full if not np.array_equal(full[k], base[k])]
+    assert changed and all(k.startswith("model.diffusion_model.") for k in changed)
+    for k in changed:  # exactly 1.5 × the base's UNet weights
+        np.testing.assert_allclose(full[k], base[k] * np.float32(1.5), rtol=1e-6)
+    # a UNet of another family has no place in this base
+    other = models.save_pipeline("sd2" if fam["name"] == "sdxl-base" else "sdxl-base", str(tmp_path / "other"))
+    r = run_cli("convert", os.path.join(other, "unet"), str(tmp_path / "bad.ckpt"), "--to", "mindspore",
+                "--base", fam["ms"])
+    assert r.code == 2 and "base" in r.err and len(r.err.strip().splitlines()) == 1
+    assert not os.path.exists(str(tmp_path / "bad.ckpt"))

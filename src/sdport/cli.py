@@ -58,13 +58,14 @@ def inspect_cmd(source: str, as_json: bool) -> None:
               help="Merge this adapter (kohya, diffusers/PEFT, old diffusers); repeat for more.")
 @click.option("--allow-unmatched", is_flag=True, help="Merge what matches when some adapter modules match no weight.")
 @click.option("--lora-alpha", type=float, help="Alpha of adapters whose file stores none (MindOne); default: rank.")
+@click.option("--base", help="A whole model the input's parts go into (a fine-tuned UNet into a full file).")
 @click.option("--allow-unknown", is_flag=True, help="Copy tensors no rule knows instead of refusing.")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @click.option("--report", is_flag=True, help="List every input entry left out, with the reason.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def convert_cmd(src: str, dst: str, to: str | None, dtype: str, fmt: str | None, ema: bool, components: str | None,
                 prediction_type: str | None, loras: tuple[str, ...], allow_unmatched: bool, lora_alpha: float | None,
-                allow_unknown: bool, force: bool, report: bool, quiet: bool) -> None:
+                base: str | None, allow_unknown: bool, force: bool, report: bool, quiet: bool) -> None:
     """Convert SRC to DST (another format, layout or dtype), streaming, atomically."""
     # sdport's own workers compute LoRA updates; OpenBLAS's pool on top of them only spins (2× the CPU time of a
     # merge on two cores). numpy is not imported yet here; a user's explicit setting wins.
@@ -73,7 +74,7 @@ def convert_cmd(src: str, dst: str, to: str | None, dtype: str, fmt: str | None,
 
     result = convert(src, dst, to=to, dtype=dtype, format=fmt, ema=ema, components=components,
                      prediction_type=prediction_type, loras=loras, allow_unmatched=allow_unmatched,
-                     lora_alpha=lora_alpha, allow_unknown=allow_unknown, force=force, progress=not quiet)
+                     lora_alpha=lora_alpha, base=base, allow_unknown=allow_unknown, force=force, progress=not quiet)
     if not quiet:
         click.echo(f"wrote {result.output}: {result.tensors} tensors, {result.bytes:,} bytes"
                    + (f", {len(result.dropped)} entries left out" if result.dropped else ""), err=True)

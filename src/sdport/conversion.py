@@ -7,7 +7,7 @@ This module owns the choice of output layout and format; family-specific key rul
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 
 from . import mindone
@@ -20,6 +20,7 @@ from .io import open_tensors
 from .io.base import TensorSource
 from .layouts import LayoutRequest, ema_name, folder_plan, to_diffusers, to_single_file
 from .lora import AdapterReport, merge_adapters
+from .partial import into_base
 from .plan import OutputFile, Plan, derive, validate
 
 CKPT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -79,7 +80,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
             format: str | None = None, ema: bool = False, components: str | list[str] | None = None,
             prediction_type: str | None = None, loras: list[str] | tuple[str, ...] = (),
             allow_unmatched: bool = False, allow_unknown: bool = False, force: bool = False,
-            progress: bool = False, lora_alpha: float | None = None) -> ConvertResult:
+            progress: bool = False, lora_alpha: float | None = None,
+            base: str | os.PathLike | None = None) -> ConvertResult:
     """Convert a model file or folder to another layout, format or dtype.
 
     Args:
@@ -94,6 +96,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
         loras: adapters to merge, each ``FILE`` or ``FILE:RATIO`` (kohya, diffusers/PEFT, old diffusers).
         allow_unmatched: merge what matches when some adapter modules match no base weight.
         lora_alpha: the alpha of adapter modules whose file stores none (MindOne LoRAs); else alpha = rank.
+        base: a whole model (single file or MindOne) the input's components replace their counterparts in.
         allow_unknown: tensors no rule knows are copied (single file) or left out (diffusers) instead of refused.
         force: replace an existing output.
 
@@ -108,7 +111,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
     fmt = "safetensors" if layout == "mindspore" else _target_format(dst, format)
     request = LayoutRequest(dtype=_dtype_code(dtype), ema=ema, components=_components(components),
                             prediction_type=_prediction_type(prediction_type), fmt=fmt)
-    with open_tensors(src) as raw, (mindone.view(raw) or nullcontext(raw)) as source:
+    with ExitStack() as stack:
+        source = _open(stack, src)
         found = detect(source.tensors, source.metadata)
         from_diffusers = source.format == "diffusers" or found.layout == "diffusers"
         if layout == "mindspore":  # the original single file's plan, renamed at the end
@@ -129,6 +133,17 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
             root = source.root or ("state_dict" if found.family in PIPELINES else "")
             plan = repackage_plan(source, request.fmt, request.dtype, root)
         _place_unknown(plan, source, allow_unknown)
+        family = found.family
+        if base is not None:  # the input's tensors in place of the base's own
+            if layout not in ("single-file", "mindspore") or loras or ema:
+                raise SdportError(src, "--base takes the input into a single file or MindOne checkpoint, "
+                                  "without --lora or --ema", "merge LoRAs in a second step")
+            base_source = _open(stack, os.fspath(base))
+            base_found = detect(base_source.tensors, base_source.metadata)
+            family = _family(base_source, base_found)
+            base_plan = repackage_plan(base_source, fmt, request.dtype, "state_dict" if fmt == "ckpt" else "")
+            plan, source = into_base(plan, source, base_source, base_plan)
+            stack.callback(source.close)
         merged, reports = source, []
         if loras:
             ema_copies = {k: ema_name(k) for k in source.tensors if k.startswith(UNET.ldm_prefix)} if ema else {}
@@ -136,7 +151,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
                                              allow_unmatched=allow_unmatched, read_as=ema_copies,
                                              default_alpha=lora_alpha)
         if layout == "mindspore":
-            plan = mindone.to_mindone(plan, _family(source, found), request.dtype)
+            plan = mindone.to_mindone(plan, _family(source, found) if base is None else family, request.dtype)
         try:
             validate(plan, merged, allow_unknown=allow_unknown)
             execute(plan, merged, dst, force=force, progress=progress)
@@ -144,7 +159,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
             if merged is not source:
                 merged.close()
         return ConvertResult(dst, sum(len(f.tensors) for f in plan.files), plan.nbytes, plan.dropped, plan.unknown,
-                             found.family, request.prediction_type or "", reports)
+                             family, request.prediction_type or "", reports)
+
+
+def _open(stack: ExitStack, path: str) -> TensorSource:
+    """Open a model; a MindOne checkpoint is seen under the original names."""
+    raw = stack.enter_context(open_tensors(path))
+    return stack.enter_context(mindone.view(raw) or nullcontext(raw))
 
 
 def _family(source: TensorSource, found: Detection) -> str:
