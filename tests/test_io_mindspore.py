@@ -148,7 +148,8 @@ def test_crc_trailer_is_written_verified_and_stripped(tmp_path) -> None:
     assert r.code == 2 and "CRC" in r.err and len(r.err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("case", ["truncated", "length-past-end", "unknown-type", "dims-disagree", "map", "junk"])
+@pytest.mark.parametrize("case", ["truncated", "length-past-end", "unknown-type", "dims-disagree", "map", "junk",
+                                  "duplicate"])
 def test_malformed_checkpoints_get_one_line(tmp_path, case) -> None:
     good = reference_bytes({"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float16)})
     if case == "truncated":
@@ -167,6 +168,8 @@ def test_malformed_checkpoints_get_one_line(tmp_path, case) -> None:
         v.tag, v.tensor.tensor_type, v.tensor.tensor_content = "w", "Float32", b"\x00" * 12
         v.tensor.dims.extend([2, 3])
         data = c.SerializeToString()
+    elif case == "duplicate":  # the same name again after another tensor: not a chunk, a second parameter
+        data = good + reference_bytes({"a": np.zeros((2, 3), np.float32)})
     elif case == "map":
         data = b"\x0a\x07\x0a\x01m\x1a\x02\x0a\x00"
     else:

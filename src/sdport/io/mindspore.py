@@ -151,6 +151,7 @@ def open_mindspore(path: str) -> TensorSource:
     """Open a MindSpore checkpoint lazily: names, dtypes, shapes and where each tensor's bytes lie."""
     chunks: dict[str, list[tuple[int, int]]] = {}
     heads: dict[str, tuple[tuple[int, ...], str]] = {}
+    last = None
     with open(path, "rb", buffering=1 << 16) as f:
         size = os.fstat(f.fileno()).st_size
         end = _crc_end(path, f, size)
@@ -184,9 +185,9 @@ def open_mindspore(path: str) -> TensorSource:
             if kind not in MS_TYPES:
                 raise FormatError(path, f"parameter '{tag}' has tensor type '{kind}'",
                                   f"sdport reads {', '.join(MS_TYPES)}")
-            if tag in heads and (heads[tag] != (tuple(dims), kind) or list(chunks)[-1] != tag):
+            if tag in heads and (heads[tag] != (tuple(dims), kind) or last != tag):  # chunks come in a row
                 raise FormatError(path, f"parameter '{tag}' appears twice", "the file is damaged")
-            heads[tag] = (tuple(dims), kind)
+            heads[tag], last = (tuple(dims), kind), tag
             chunks.setdefault(tag, []).append((offset, nbytes))
     tensors = {}
     for tag, (dims, kind) in heads.items():
