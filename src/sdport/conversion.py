@@ -115,8 +115,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
         source = _open(stack, src)
         found = detect(source.tensors, source.metadata)
         from_diffusers = source.format == "diffusers" or found.layout == "diffusers"
+        family = found.family
         if layout == "mindspore":  # the original single file's plan, renamed at the end
-            plan = to_single_file(source, _family(source, found), request) if from_diffusers else \
+            family = _family(source, found)  # a --base's family replaces it below
+            plan = to_single_file(source, family, request) if from_diffusers else \
                 repackage_plan(source, fmt, request.dtype, "")
         elif layout == "diffusers" and not from_diffusers:
             plan = to_diffusers(source, _family(source, found), _prediction(request, found), variant=found.variant)
@@ -133,7 +135,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
             root = source.root or ("state_dict" if found.family in PIPELINES else "")
             plan = repackage_plan(source, request.fmt, request.dtype, root)
         _place_unknown(plan, source, allow_unknown)
-        family = found.family
         if base is not None:  # the input's tensors in place of the base's own
             if layout not in ("single-file", "mindspore") or loras or ema:
                 raise SdportError(src, "--base takes the input into a single file or MindOne checkpoint, "
@@ -151,7 +152,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
                                              allow_unmatched=allow_unmatched, read_as=ema_copies,
                                              default_alpha=lora_alpha)
         if layout == "mindspore":
-            plan = mindone.to_mindone(plan, _family(source, found) if base is None else family, request.dtype)
+            plan = mindone.to_mindone(plan, family, request.dtype)
         try:
             validate(plan, merged, allow_unknown=allow_unknown)
             execute(plan, merged, dst, force=force, progress=progress)

@@ -83,6 +83,24 @@ def part_prefix(source: TensorSource, family: Family, part: Part, diffusers_layo
     return None
 
 
+def part_shapes(source: TensorSource, family: Family, part: Part, diffusers_layout: bool
+                ) -> tuple[str, dict[str, tuple[int, ...]]] | None:
+    """``part``'s prefix in ``source`` and its tensors' shapes by name below it; None when the part is absent."""
+    prefix = part_prefix(source, family, part, diffusers_layout)
+    if prefix is None:
+        return None
+    return prefix, {k[len(prefix):]: i.shape for k, i in source.tensors.items() if k.startswith(prefix)}
+
+
+def _required_shapes(source: TensorSource, family: Family, part: Part, diffusers_layout: bool, where: str
+                     ) -> tuple[str, dict[str, tuple[int, ...]]]:
+    found = part_shapes(source, family, part, diffusers_layout)
+    if found is None:
+        raise SdportError(source.path, f"no {part.component} weights in this {where}",
+                          f"pass --components without {part.component}")
+    return found
+
+
 def _parts(family: Family, request: LayoutRequest) -> list[Part]:
     if request.components is None:
         return list(family.parts)
@@ -105,11 +123,7 @@ def to_diffusers(source: TensorSource, family_name: str, request: LayoutRequest,
     shapes_by_component, layouts = {}, {}
     has_ema = sum(k.startswith("model_ema.") for k in source.tensors) > 100
     for part in _parts(family, request):
-        prefix = part_prefix(source, family, part, False)
-        if prefix is None:
-            raise SdportError(source.path, f"no {part.component} weights in this {family.name} file",
-                              f"pass --components without {part.component}")
-        shapes = {k[len(prefix):]: i.shape for k, i in source.tensors.items() if k.startswith(prefix)}
+        prefix, shapes = _required_shapes(source, family, part, False, f"{family.name} file")
         links, layout = part_links(part, shapes, True)
         _check_text_encoder(source, family, part, prefix, links)
         remap = {n: prefix + n for n in shapes}
@@ -147,11 +161,7 @@ def to_single_file(source: TensorSource, family_name: str, request: LayoutReques
     tensors: list[OutputTensor] = []
     plan = Plan(files=[])
     for part in _parts(family, request):
-        prefix = part_prefix(source, family, part, True)
-        if prefix is None:
-            raise SdportError(source.path, f"no {part.component} weights in this folder",
-                              f"pass --components without {part.component}")
-        shapes = {k[len(prefix):]: i.shape for k, i in source.tensors.items() if k.startswith(prefix)}
+        prefix, shapes = _required_shapes(source, family, part, True, "folder")
         links, _ = part_links(part, shapes, False)
         tensors += [derive(part.ldm_prefix + link.out, request.dtype, source, tuple(prefix + i for i in link.inputs),
                            link.op, link.args) for link in links.links]

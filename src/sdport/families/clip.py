@@ -81,12 +81,17 @@ def openclip_to_diffusers(names: list[str], *, layers: int | None = None, projec
     return out
 
 
+def hub_name(name: str) -> str:
+    """A CLIP text-encoder name in the Hub's ``text_model.`` form (transformers >= 5.6 saves it without)."""
+    return name if name.startswith(("text_model.", "text_projection")) else "text_model." + name
+
+
 def openclip_to_ldm(names: list[str]) -> Links:
     """CLIPTextModel(WithProjection) names → OpenCLIP names (q/k/v fused again, projection transposed back)."""
     out = Links()
     present = set(names)
     for name in names:
-        name_hub = name if name.startswith(("text_model.", "text_projection")) else "text_model." + name
+        name_hub = hub_name(name)
         split = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", name_hub)
         if name.endswith("position_ids"):
             out.dropped[name] = POSITION_IDS

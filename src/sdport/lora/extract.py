@@ -63,8 +63,15 @@ def _model(source: TensorSource) -> tuple[str, bool]:
 
 
 def _weight(source: TensorSource, t: Target) -> np.ndarray:
-    w = cast(source.read(t.tensor), "F32")
-    return w if t.rows is None else w.reshape(t.rows[1], -1, *w.shape[1:])[t.rows[0]]
+    """The target weight in fp32; of a fused in_proj only its row block's bytes are read."""
+    info = source.tensors[t.tensor]
+    if t.rows is None or not info.contiguous:
+        w = cast(source.read(t.tensor), "F32")
+        return w if t.rows is None else w.reshape(t.rows[1], -1, *w.shape[1:])[t.rows[0]]
+    k, parts = t.rows
+    size = info.nbytes // parts
+    block = source.read_flat(info, k * size, size).reshape(info.shape[0] // parts, *info.shape[1:])
+    return cast(block, "F32")
 
 
 def extract(tuned: str, base: str, dst: str, *, rank: int = 32, energy: float | None = None, min_rank: int = 1,

@@ -68,11 +68,6 @@ def unet_to_sgm(path: str, family: str) -> str | None:
     return hit[0][: -len(".weight")] if hit else None
 
 
-def text_path(path: str) -> str:
-    """A CLIP module path in the Hub's ``text_model.`` form (trainers on transformers >= 5.6 leave it out)."""
-    return path if path.startswith(("text_model.", "text_projection")) else "text_model." + path
-
-
 def is_attention(path: str) -> re.Match | None:
     """``(attention module, projection)`` of a q/k/v/out projection path, UNet or CLIP names; None otherwise."""
     return re.fullmatch(r"(.+\.attn[12]|.+\.self_attn)\.(to_q|to_k|to_v|to_out\.0|q_proj|k_proj|v_proj|out_proj)",

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..families import FAMILIES, Part
+from ..families.clip import hub_name
 from ..io.base import TensorSource
-from ..layouts import part_links, part_prefix
-from .names import text_path
+from ..layouts import part_links, part_shapes
 
 PARAMS = (".weight", ".bias")
 
@@ -55,10 +55,10 @@ def build_index(source: TensorSource, family_name: str, diffusers_layout: bool, 
     for part in family.parts:
         if part.kind not in ("unet", "clip-l", "openclip"):
             continue
-        prefix = part_prefix(source, family, part, diffusers_layout)
-        if prefix is None:
+        found = part_shapes(source, family, part, diffusers_layout)
+        if found is None:
             continue
-        shapes = {k[len(prefix):]: i.shape for k, i in source.tensors.items() if k.startswith(prefix)}
+        prefix, shapes = found
         links, _ = part_links(part, shapes, not diffusers_layout)
         for link in links.links:
             if not link.out.endswith(PARAMS) and not link.inputs[0].endswith(PARAMS):
@@ -66,7 +66,7 @@ def build_index(source: TensorSource, family_name: str, diffusers_layout: bool, 
             if diffusers_layout:  # link: diffusers inputs → original name
                 if len(link.inputs) != 1:  # q, k, v fused into in_proj in the original layout: each is its own tensor
                     for name in link.inputs:
-                        _add(index, part, text_path(name) if part.kind != "unet" else name, None, prefix + name,
+                        _add(index, part, hub_name(name) if part.kind != "unet" else name, None, prefix + name,
                              shapes[name], None, aliases)
                     continue
                 diffusers_name, ldm_name, rows = link.inputs[0], link.out, None
@@ -78,7 +78,7 @@ def build_index(source: TensorSource, family_name: str, diffusers_layout: bool, 
                 rows = (link.args[1], link.args[2]) if link.op == "split" else None
                 tensor, shape = prefix + ldm_name, shapes[ldm_name]
             if part.kind != "unet":
-                diffusers_name = text_path(diffusers_name)
+                diffusers_name = hub_name(diffusers_name)
             _add(index, part, diffusers_name, ldm_name, tensor, shape, rows, aliases)
     return index
 

@@ -23,14 +23,15 @@ import numpy as np
 
 from ..dtypes import cast
 from ..errors import FormatError, SdportError
+from ..families.clip import hub_name
 from ..io import open_tensors
 from ..io.atomic import check_target
 from ..io.base import Slot, TensorSource
 from ..io.safetensors import SafetensorsWriter
 from ..patches import MAGNITUDES, delta, dora_axis
-from .formats import ROLES, Module, base_family, parse, rank_role, read_alphas, scale
+from .formats import ROLES, Adapter, Module, base_family, parse, rank_role, read_alphas, scale
 from .merge import parse_spec
-from .names import dotted, is_attention, text_path, underscored, unet_to_diffusers, unet_to_sgm
+from .names import dotted, is_attention, underscored, unet_to_diffusers, unet_to_sgm
 from .svd import factorize
 
 FORMATS = ("kohya", "peft", "diffusers-old")
@@ -101,8 +102,6 @@ class Written:
 
 def adapter_family(source: TensorSource, modules: list[Module]) -> str:
     """The family whose names the adapter uses: SDXL when it says so or uses SGM names, else SD1/SD2's."""
-    from .formats import Adapter
-
     found = base_family(source, Adapter(source.path, "", modules, []))
     if found:
         return found
@@ -125,7 +124,7 @@ def canonical(source: TensorSource, family: str | None = None) -> tuple[list[Out
     for m in adapter.modules:
         path = dotted(m.name) if m.naming == "kohya" else m.name.removeprefix("model.diffusion_model.")
         if path is not None:
-            path = unet_to_diffusers(path, family) if m.component == "unet" else text_path(path)
+            path = unet_to_diffusers(path, family) if m.component == "unet" else hub_name(path)
         if path is None:
             raise FormatError(source.path, f"module '{m.name}' has a name sdport cannot map to a {family} module",
                               "merge it into a base instead: a base's own names resolve every module")
