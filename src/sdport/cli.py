@@ -45,13 +45,20 @@ def inspect_cmd(source: str, as_json: bool) -> None:
 @cli.command("convert")
 @click.argument("src")
 @click.argument("dst")
-@click.option("--to", type=click.Choice(["single-file", "diffusers", "mindspore"]),
-              help="Output layout (default: from DST); mindspore: a MindOne .ckpt, fp32 unless --dtype.")
+@click.option("--to", type=click.Choice(["single-file", "diffusers", "mindspore", "onnx"]),
+              help="Output layout (default: from DST); mindspore: a MindOne .ckpt, fp32 unless --dtype; onnx: a "
+                   "folder of ONNX graphs (fp32 unless --dtype).")
 @click.option("--dtype", default="keep", type=click.Choice(["keep", "fp32", "fp16", "bf16"]), show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "ckpt", "mindspore"]),
               help="Single-file format (default: from DST's suffix; .ckpt is PyTorch's).")
 @click.option("--ema", is_flag=True, help="Convert the UNet's EMA copy instead of its plain weights.")
-@click.option("--components", help="Only these parts, comma-separated: unet,vae,text_encoder,text_encoder_2.")
+@click.option("--components", help="Only these parts, comma-separated: unet,vae,text_encoder,text_encoder_2 "
+              "(ONNX: vae_encoder,vae_decoder for the VAE).")
+@click.option("--layout", "onnx_layout", default="diffusers", show_default=True,
+              type=click.Choice(["diffusers", "optimum"]),
+              help="ONNX folder layout: diffusers (OnnxStableDiffusionPipeline, onnx-web) or optimum (ORT pipelines).")
+@click.option("--vae-dtype", type=click.Choice(["fp32", "fp16"]), help="ONNX: the VAE's dtype (fp16 can overflow).")
+@click.option("--opset", type=int, help="ONNX opset (default 17).")
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]),
               help="What the UNet predicts, where the file cannot tell (SD2-base 512: epsilon).")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:RATIO]",
@@ -64,7 +71,8 @@ def inspect_cmd(source: str, as_json: bool) -> None:
 @click.option("--report", is_flag=True, help="List every input entry left out, with the reason.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def convert_cmd(src: str, dst: str, to: str | None, dtype: str, fmt: str | None, ema: bool, components: str | None,
-                prediction_type: str | None, loras: tuple[str, ...], allow_unmatched: bool, lora_alpha: float | None,
+                onnx_layout: str, vae_dtype: str | None, opset: int | None, prediction_type: str | None,
+                loras: tuple[str, ...], allow_unmatched: bool, lora_alpha: float | None,
                 base: str | None, allow_unknown: bool, force: bool, report: bool, quiet: bool) -> None:
     """Convert SRC to DST (another format, layout or dtype), streaming, atomically."""
     # sdport's own workers compute LoRA updates; OpenBLAS's pool on top of them only spins (2× the CPU time of a
@@ -74,7 +82,8 @@ def convert_cmd(src: str, dst: str, to: str | None, dtype: str, fmt: str | None,
 
     result = convert(src, dst, to=to, dtype=dtype, format=fmt, ema=ema, components=components,
                      prediction_type=prediction_type, loras=loras, allow_unmatched=allow_unmatched,
-                     lora_alpha=lora_alpha, base=base, allow_unknown=allow_unknown, force=force, progress=not quiet)
+                     lora_alpha=lora_alpha, base=base, allow_unknown=allow_unknown, force=force, progress=not quiet,
+                     onnx_layout=onnx_layout, vae_dtype=vae_dtype, opset=opset)
     if not quiet:
         click.echo(f"wrote {result.output}: {result.tensors} tensors, {result.bytes:,} bytes"
                    + (f", {len(result.dropped)} entries left out" if result.dropped else ""), err=True)

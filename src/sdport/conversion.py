@@ -7,8 +7,9 @@ This module owns the choice of output layout and format; family-specific key rul
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import mindone
 from .detect import Detection, detect, prediction_type
@@ -53,8 +54,8 @@ def _target_format(dst: str, fmt: str | None) -> str:
 def _target_layout(dst: str, to: str | None) -> str:
     if to is None:
         to = "single-file" if os.path.splitext(dst)[1] else "diffusers"
-    if to not in ("single-file", "diffusers", "mindspore"):
-        raise SdportError(None, f"unknown --to {to!r}", "use single-file, diffusers or mindspore")
+    if to not in ("single-file", "diffusers", "mindspore", "onnx"):
+        raise SdportError(None, f"unknown --to {to!r}", "use single-file, diffusers, mindspore or onnx")
     return to
 
 
@@ -81,13 +82,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
             prediction_type: str | None = None, loras: list[str] | tuple[str, ...] = (),
             allow_unmatched: bool = False, allow_unknown: bool = False, force: bool = False,
             progress: bool = False, lora_alpha: float | None = None,
-            base: str | os.PathLike | None = None) -> ConvertResult:
+            base: str | os.PathLike | None = None, onnx_layout: str = "diffusers", vae_dtype: str | None = None,
+            opset: int | None = None) -> ConvertResult:
     """Convert a model file or folder to another layout, format or dtype.
 
     Args:
         src: a weights file (safetensors, ``.ckpt``/``.pt``/``.bin``) or a diffusers folder.
         dst: the output path; its suffix chooses ``to`` and ``format`` when those are not given.
-        to: ``single-file`` or ``diffusers``.
+        to: ``single-file``, ``diffusers``, ``mindspore`` or ``onnx``.
         dtype: ``keep``, ``fp32``, ``fp16`` or ``bf16`` (float tensors only).
         format: ``safetensors`` or ``ckpt`` for single-file outputs.
         ema: take the UNet's EMA copy (original files that carry one).
@@ -98,6 +100,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
         lora_alpha: the alpha of adapter modules whose file stores none (MindOne LoRAs); else alpha = rank.
         base: a whole model (single file or MindOne) the input's components replace their counterparts in.
         allow_unknown: tensors no rule knows are copied (single file) or left out (diffusers) instead of refused.
+        onnx_layout: ONNX only: ``diffusers`` (OnnxStableDiffusionPipeline, onnx-web) or ``optimum`` (ORT pipelines).
+        vae_dtype: ONNX only: the VAE's dtype when it differs from ``dtype`` (``fp32``: fp16 VAEs overflow).
+        opset: ONNX only: the opset of the graphs.
         force: replace an existing output.
 
     Returns:
@@ -108,9 +113,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
     """
     src, dst = os.fspath(src), os.fspath(dst)
     layout = _target_layout(dst, to)
-    fmt = "safetensors" if layout == "mindspore" else _target_format(dst, format)
+    fmt = "safetensors" if layout in ("mindspore", "onnx") else _target_format(dst, format)
     request = LayoutRequest(dtype=_dtype_code(dtype), ema=ema, components=_components(components),
                             prediction_type=_prediction_type(prediction_type), fmt=fmt)
+    onnx_request = None
+    if layout == "onnx":  # the model as a diffusers folder, as it is; the ONNX graphs choose their components/dtype
+        onnx_request = replace(request, dtype=request.dtype or "F32")
+        request.dtype, request.components = None, None
     with ExitStack() as stack:
         source = _open(stack, src)
         found = detect(source.tensors, source.metadata)
@@ -120,10 +129,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
             family = _family(source, found)  # a --base's family replaces it below
             plan = to_single_file(source, family, request) if from_diffusers else \
                 repackage_plan(source, fmt, request.dtype, "")
-        elif layout == "diffusers" and not from_diffusers:
+        elif layout in ("diffusers", "onnx") and not from_diffusers:
             plan = to_diffusers(source, _family(source, found), _prediction(request, found), variant=found.variant)
         elif layout == "single-file" and from_diffusers:
             plan = to_single_file(source, _family(source, found), request)
+        elif layout == "onnx":
+            plan = folder_plan(source, None)
         elif layout == "diffusers":
             if not loras:
                 raise SdportError(src, "already a diffusers folder", "convert it to a single file, or copy it")
@@ -154,6 +165,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
         if layout == "mindspore":
             plan = mindone.to_mindone(plan, family, request.dtype)
         try:
+            if layout == "onnx":
+                validate(plan, merged, allow_unknown=allow_unknown)
+                plan = _onnx(plan, _family(source, found), onnx_request, onnx_layout, vae_dtype, opset, progress)
             validate(plan, merged, allow_unknown=allow_unknown)
             execute(plan, merged, dst, force=force, progress=progress)
         finally:
@@ -161,6 +175,19 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
                 merged.close()
         return ConvertResult(dst, sum(len(f.tensors) for f in plan.files), plan.nbytes, plan.dropped, plan.unknown,
                              family, request.prediction_type or "", reports)
+
+
+def _onnx(plan: Plan, family: str, request: LayoutRequest, layout: str, vae_dtype: str | None, opset: int | None,
+          progress: bool) -> Plan:
+    from .export.onnx import OPSET
+    from .export.onnx_plan import onnx_plan
+
+    if family not in PIPELINES:
+        raise SdportError(None, f"ONNX export takes a whole pipeline, not a lone {family}",
+                          "export a Stable Diffusion 1.x, 2.x or XL model")
+    say = (lambda name: print(f"tracing {name}", file=sys.stderr)) if progress else None
+    return onnx_plan(plan, family, layout=layout, dtype=request.dtype, vae_dtype=_dtype_code(vae_dtype or "keep"),
+                     opset=opset or OPSET, components=request.components, progress=say)
 
 
 def _open(stack: ExitStack, path: str) -> TensorSource:

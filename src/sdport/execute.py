@@ -19,6 +19,7 @@ from .dtypes import BY_CODE, cast
 from .io.atomic import AtomicDir, check_target
 from .io.base import TensorInfo, TensorSource
 from .io.mindspore import MindSporeWriter
+from .io.onnx import OnnxWriter
 from .io.safetensors import SafetensorsWriter
 from .io.torch import TorchWriter
 from .io.writer import StreamWriter
@@ -40,6 +41,9 @@ def writer_for(out: OutputFile, target: str, *, force: bool) -> StreamWriter:
         return TorchWriter(target, force=force, root=out.root)
     if out.format == "mindspore":
         return MindSporeWriter(target, force=force)
+    if out.format == "onnx":
+        model, graph, external = out.onnx
+        return OnnxWriter(target, model, graph, external=external, force=force)
     raise ValueError(f"unknown output format {out.format}")
 
 

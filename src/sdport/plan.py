@@ -85,10 +85,12 @@ class OutputFile:
     """One file to write: its path relative to the output root, its format and tensors."""
 
     path: str
-    format: str  # "safetensors" | "ckpt"
+    format: str  # "safetensors" | "ckpt" | "mindspore" | "onnx"
     tensors: list[OutputTensor]
     metadata: dict[str, str] = field(default_factory=dict)
     root: str = ""  # ckpt only: wrap the tensors as {root: {...}}
+    # onnx only: the model and its graph serialized without weights, and the external data file's name (or None)
+    onnx: tuple[bytes, bytes, str | None] | None = None
 
 
 @dataclass

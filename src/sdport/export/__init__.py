@@ -1,0 +1,1 @@
+"""Exporters that need a model's real modules (torch), imported only when used."""

@@ -1,0 +1,200 @@
+"""ONNX graphs of a pipeline's components, traced from weightless modules; the weights are streamed in later.
+
+Each component's torch module is built from its diffusers config on the ``meta`` device and given
+uninitialised storage (nothing is computed or copied into it), then traced by torch's TorchScript
+exporter with ``export_params=False`` and no constant folding, so every parameter stays a graph
+input under its own diffusers name. ``trace`` removes those inputs and returns the graph without
+weights plus the list of parameters it needs; ``io.onnx.OnnxWriter`` later streams each one from the
+conversion plan into an initializer of the same name. One module exists at a time.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from dataclasses import dataclass, field
+
+from ..errors import SdportError
+
+#: the input dtypes the pipelines pass: token ids as int32 (diffusers' ONNX pipelines cast them so)
+OPSET = 17
+FLOAT_TYPES = {"F32": 1, "F16": 10}
+
+
+@dataclass
+class Spec:
+    """One ONNX component: its folder, the diffusers component its weights come from, its graph's names."""
+
+    name: str
+    weights: str
+    inputs: list[str]
+    outputs: list[str]
+    dynamic: dict[str, dict[int, str]] = field(default_factory=dict)
+
+
+@dataclass
+class Traced:
+    """A traced component: the model and graph serialized without weights, and the weights it takes."""
+
+    spec: Spec
+    model: bytes
+    graph: bytes
+    params: list[tuple[str, str, tuple[int, ...]]]  # (name, dtype code, shape) in graph order
+    io_types: dict[str, int]
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as exc:
+        raise SdportError(None, "ONNX export needs torch", "pip install 'sdport[onnx]'") from exc
+    return torch
+
+
+def specs(components: list[str], config: dict[str, dict]) -> list[Spec]:
+    """The ONNX components of a pipeline, given its diffusers components and their configs."""
+    out = []
+    xl = "text_encoder_2" in config or config.get("unet", {}).get("addition_embed_type") == "text_time"
+    for c in components:
+        if c.startswith("text_encoder"):
+            layers = config[c]["num_hidden_layers"]
+            hidden = [f"hidden_states.{i}" for i in range(layers + 1)] if xl else []
+            first = ["text_embeds"] if config[c]["architectures"][0].endswith("WithProjection") else ["pooler_output"]
+            outs = (["last_hidden_state", *first] if first == ["pooler_output"] else [*first, "last_hidden_state"])
+            out.append(Spec(c, c, ["input_ids"], outs + hidden,
+                            {"input_ids": {0: "batch_size", 1: "sequence_length"}}))
+        elif c == "unet":
+            extra = ["text_embeds", "time_ids"] if config["unet"].get("addition_embed_type") == "text_time" else []
+            dyn = {"sample": {0: "batch_size", 2: "height", 3: "width"}, "timestep": {0: "steps"},
+                   "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
+                   "text_embeds": {0: "batch_size"}, "time_ids": {0: "batch_size"},
+                   "out_sample": {0: "batch_size", 2: "height", 3: "width"}}
+            out.append(Spec("unet", "unet", ["sample", "timestep", "encoder_hidden_states", *extra], ["out_sample"],
+                            {k: v for k, v in dyn.items() if k in ("out_sample", "sample", "timestep",
+                                                                    "encoder_hidden_states", *extra)}))
+        elif c == "vae":
+            image = {0: "batch_size", 2: "height", 3: "width"}
+            latent = {0: "batch_size", 2: "height_latent", 3: "width_latent"}
+            out.append(Spec("vae_encoder", "vae", ["sample"], ["latent_sample"],
+                            {"sample": image, "latent_sample": latent}))
+            out.append(Spec("vae_decoder", "vae", ["latent_sample"], ["sample"],
+                            {"latent_sample": latent, "sample": image}))
+    return out
+
+
+def _empty_module(spec: Spec, config: dict):
+    """The component's torch module with real shapes and uninitialised storage, in eval mode."""
+    torch = _torch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if spec.weights == "unet":
+            from diffusers import UNet2DConditionModel as cls
+        elif spec.weights == "vae":
+            from diffusers import AutoencoderKL as cls
+        else:
+            import transformers
+
+            cls = getattr(transformers, config["architectures"][0])
+            config = transformers.CLIPTextConfig.from_dict(config)
+        with torch.device("meta"):
+            module = cls(config) if spec.weights.startswith("text_encoder") else cls.from_config(config)
+    module = module.to_empty(device="cpu").eval()
+    for name, buf in module.named_buffers():
+        if name.endswith("position_ids"):
+            buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
+        else:
+            raise SdportError(None, f"{spec.name}: buffer '{name}' has no known value", "report a bug")
+    return module
+
+
+def _forward(spec: Spec, module):
+    """The function the exporter traces: the pipeline's inputs in, a tuple of tensors out."""
+    torch = _torch()
+    call = module.forward  # the module's own forward, before the traced one replaces it on the instance
+    if spec.name == "unet":
+        def forward(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+            added = {"text_embeds": text_embeds, "time_ids": time_ids} if text_embeds is not None else None
+            return call(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+    elif spec.name == "vae_encoder":
+        def forward(sample):  # the posterior's mean (deterministic)
+            moments = module.quant_conv(module.encoder(sample))
+            return torch.chunk(moments, 2, dim=1)[0]
+    elif spec.name == "vae_decoder":
+        def forward(latent_sample):
+            return module.decoder(module.post_quant_conv(latent_sample))
+    else:
+        hidden = any(o.startswith("hidden_states.") for o in spec.outputs)
+
+        def forward(input_ids):
+            out = call(input_ids=input_ids, output_hidden_states=hidden, return_dict=True)
+            first = out.text_embeds if spec.outputs[0] == "text_embeds" else out.last_hidden_state
+            second = out.last_hidden_state if spec.outputs[0] == "text_embeds" else out.pooler_output
+            return (first, second, *(out.hidden_states if hidden else ()))
+    return forward
+
+
+def _examples(spec: Spec, config: dict):
+    torch = _torch()
+    if spec.name == "unet":
+        c = config["in_channels"]
+        examples = [torch.randn(2, c, 16, 16), torch.tensor([10.0]), torch.randn(2, 77, config["cross_attention_dim"])]
+        if "text_embeds" in spec.inputs:
+            pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+            examples += [torch.randn(2, pooled), torch.randn(2, 6)]
+        return tuple(examples)
+    if spec.name == "vae_encoder":
+        return (torch.randn(1, config["in_channels"], 64, 64),)
+    if spec.name == "vae_decoder":
+        return (torch.randn(1, config["latent_channels"], 8, 8),)
+    return (torch.zeros(1, 77, dtype=torch.int32),)
+
+
+def trace(spec: Spec, config: dict, *, opset: int = OPSET) -> Traced:
+    """Trace one component; its module is freed when this returns."""
+    torch = _torch()
+    import onnx
+
+    module = _empty_module(spec, config)
+    forward = _forward(spec, module)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        # the traced module: forward replaced on the instance, so parameter names stay the diffusers names
+        module.forward = forward
+        torch.onnx.export(module, _examples(spec, config), buffer, dynamo=False, opset_version=opset,
+                          export_params=False, do_constant_folding=False, keep_initializers_as_inputs=True,
+                          input_names=spec.inputs,
+                          output_names=spec.outputs, dynamic_axes=spec.dynamic)
+    shapes = {n: tuple(p.shape) for n, p in module.state_dict(keep_vars=True).items()}
+    del module, forward
+    model = onnx.load_from_string(buffer.getvalue())
+    graph = model.graph
+    params = []
+    for value in list(graph.input):
+        if value.name in spec.inputs:
+            continue
+        if value.name not in shapes:
+            raise SdportError(None, f"{spec.name}: the traced graph takes '{value.name}', which is no parameter",
+                              "report a bug (diffusers/transformers version)")
+        params.append((value.name, "F32", shapes[value.name]))
+        graph.input.remove(value)
+    io_types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]}
+    model.producer_name, model.producer_version = "sdport", _version()
+    graph_bytes = graph.SerializeToString()
+    model.ClearField("graph")
+    return Traced(spec, model.SerializeToString(), graph_bytes, params, io_types)
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("sdport")
+
+
+def name_map(traced: Traced, dtypes: dict[str, str]) -> bytes:
+    """``sdport-names.json``: each initializer ↔ the diffusers parameter it holds (sdport's names are the same)."""
+    tensors = {n: {"param": n, "component": traced.spec.weights, "transpose": False, "dtype": dtypes[n]}
+               for n, _, _ in traced.params}
+    doc = {"format": "sdport-onnx-names", "version": 1, "component": traced.spec.name, "tensors": tensors}
+    return (json.dumps(doc, indent=1) + "\n").encode()

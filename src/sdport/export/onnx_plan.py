@@ -1,0 +1,125 @@
+"""The plan of an ONNX export: which graphs, which weights in them at which dtype, and the folder's other files.
+
+Input is the plan of the same model as a diffusers folder (any source converts to that), so LoRA
+patches, casts and renames apply unchanged; each ONNX component's initializers are that plan's
+tensors under the same names, re-typed. The folder follows one of two layouts that load as they are:
+``diffusers`` (``OnnxStableDiffusionPipeline``, onnx-web) and ``optimum`` (``ORTStableDiffusion*``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+from ..dtypes import BY_CODE
+from ..errors import SdportError
+from ..io.onnx import PROTO_LIMIT
+from ..plan import OutputFile, OutputTensor, Plan
+from .onnx import OPSET, Spec, name_map, specs, trace
+
+LAYOUTS = ("diffusers", "optimum")
+#: an external data file takes the weights once the model would come within this much of protobuf's limit
+EXTERNAL_MARGIN = 64 << 20
+#: the file names each layout's loaders look for
+DATA_FILE = {"diffusers": "weights.pb", "optimum": "model.onnx_data"}
+ORT_CLASS = {"sd1": "ORTStableDiffusionPipeline", "sd2": "ORTStableDiffusionPipeline",
+             "sdxl-base": "ORTStableDiffusionXLPipeline", "sdxl-refiner": "ORTStableDiffusionXLImg2ImgPipeline"}
+
+
+def _component_tensors(plan: Plan) -> dict[str, dict[str, OutputTensor]]:
+    out: dict[str, dict[str, OutputTensor]] = {}
+    for f in plan.files:
+        component = f.path.split("/")[0] if "/" in f.path else ""
+        out.setdefault(component, {}).update({t.name: t for t in f.tensors})
+    return out
+
+
+def _configs(plan: Plan, components: list[str]) -> dict[str, dict]:
+    configs = {}
+    for c in components:
+        raw = plan.extra.get(f"{c}/config.json")
+        if raw is None:
+            raise SdportError(None, f"the model has no {c}/config.json", "convert it to a diffusers folder first")
+        try:
+            configs[c] = json.loads(raw)
+        except ValueError as exc:
+            raise SdportError(f"{c}/config.json", "invalid JSON", None) from exc
+    return configs
+
+
+def onnx_plan(plan: Plan, family: str, *, layout: str = "diffusers", dtype: str = "F32", vae_dtype: str | None = None,
+              opset: int = OPSET, components: tuple[str, ...] | None = None, progress=None) -> Plan:
+    """The ONNX export of a diffusers-layout ``plan`` (validated against its source by the caller)."""
+    if layout not in LAYOUTS:
+        raise SdportError(None, f"unknown --layout {layout!r}", "use diffusers or optimum")
+    tensors = _component_tensors(plan)
+    weights = [c for c in ("text_encoder", "text_encoder_2", "unet", "vae") if c in tensors]
+    if "unet" not in weights and "vae" not in weights:
+        raise SdportError(None, "no UNet or VAE to export", "export a Stable Diffusion pipeline")
+    configs = _configs(plan, weights)
+    chosen = specs(weights, configs)
+    if components:
+        unknown = set(components) - {s.name for s in chosen}
+        if unknown:
+            raise SdportError(None, f"--components: {', '.join(sorted(unknown))} not in this model",
+                              "choose from " + ", ".join(s.name for s in chosen))
+        chosen = [s for s in chosen if s.name in components]
+    out = Plan(files=[], dropped=dict(plan.dropped))
+    used: set[str] = set()
+    for spec in chosen:
+        if progress:
+            progress(spec.name)
+        traced = trace(spec, configs[spec.weights], opset=opset)
+        want = (vae_dtype or dtype) if spec.weights == "vae" else dtype
+        have = tensors[spec.weights]
+        typed = []
+        for name, _, shape in traced.params:
+            t = have.get(name)
+            if t is None or tuple(t.shape) != tuple(shape):
+                got = "missing" if t is None else f"of shape {list(t.shape)}"
+                raise SdportError(None, f"{spec.name}: weight '{name}' {got}, the graph needs {list(shape)}",
+                                  "the model does not match its config")
+            typed.append(replace(t, dtype=want if BY_CODE[t.dtype].is_float else t.dtype))
+            used.add(f"{spec.weights}/{name}")
+        nbytes = sum(t.slot().nbytes for t in typed)
+        big = nbytes + len(traced.graph) + len(traced.model) > PROTO_LIMIT - EXTERNAL_MARGIN
+        external = DATA_FILE[layout] if big else None
+        out.files.append(OutputFile(f"{spec.name}/model.onnx", "onnx", typed,
+                                    onnx=(traced.model, traced.graph, external)))
+        out.extra[f"{spec.name}/sdport-names.json"] = name_map(traced, {t.name: t.dtype for t in typed})
+    for component, named in tensors.items():
+        for name, t in named.items():
+            if f"{component}/{name}" not in used:
+                out.dropped.update({i: f"{component} weight the ONNX graphs do not use" for i in t.reads})
+    out.extra.update(layout_files(plan, family, layout, [s.name for s in chosen], configs))
+    return out
+
+
+def layout_files(plan: Plan, family: str, layout: str, components: list[str], configs: dict[str, dict]
+                 ) -> dict[str, bytes]:
+    """model_index.json, the scheduler, tokenizers and (optimum) component configs of the export folder."""
+    files = {k: v for k, v in plan.extra.items() if k.startswith(("scheduler/", "tokenizer"))}
+    index = json.loads(plan.extra.get("model_index.json", b"{}") or b"{}")
+    scheduler = index.get("scheduler") or ["diffusers", "PNDMScheduler"]
+    tokenizers = {k: v for k, v in index.items() if k.startswith("tokenizer") and v and v[0]}
+    if layout == "diffusers":
+        doc = {"_class_name": "OnnxStableDiffusionPipeline", "_diffusers_version": "0.42.1",
+               "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+               "scheduler": scheduler, **tokenizers,
+               **{c: ["diffusers", "OnnxRuntimeModel"] for c in components}}
+    else:
+        doc = {"_class_name": ORT_CLASS.get(family, "ORTStableDiffusionPipeline"), "_diffusers_version": "0.39.0",
+               "scheduler": scheduler, **tokenizers, **{c: ["diffusers", "OnnxRuntimeModel"] for c in components}}
+        for c in components:
+            source = "vae" if c.startswith("vae") else c
+            if source in configs:
+                files[f"{c}/config.json"] = _json(configs[source])
+    files["model_index.json"] = _json(doc)
+    return files
+
+
+def _json(obj: object) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+__all__ = ["onnx_plan", "layout_files", "LAYOUTS", "Spec"]
