@@ -16,6 +16,7 @@ from .detect import Detection, detect, prediction_type
 from .dtypes import USER_NAMES
 from .errors import SdportError
 from .execute import execute
+from .export.onnx_back import onnx_rewrite, onnx_to_diffusers
 from .families import FAMILIES, PIPELINES, UNET
 from .io import open_tensors
 from .io.base import TensorSource
@@ -116,16 +117,26 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
     fmt = "safetensors" if layout in ("mindspore", "onnx") else _target_format(dst, format)
     request = LayoutRequest(dtype=_dtype_code(dtype), ema=ema, components=_components(components),
                             prediction_type=_prediction_type(prediction_type), fmt=fmt)
-    onnx_request = None
-    if layout == "onnx":  # the model as a diffusers folder, as it is; the ONNX graphs choose their components/dtype
-        onnx_request = replace(request, dtype=request.dtype or "F32")
-        request.dtype, request.components = None, None
     with ExitStack() as stack:
         source = _open(stack, src)
         found = detect(source.tensors, source.metadata)
-        from_diffusers = source.format == "diffusers" or found.layout == "diffusers"
+        from_onnx = source.format == "onnx"
+        from_diffusers = source.format in ("diffusers", "onnx") or found.layout == "diffusers"
         family = found.family
-        if layout == "mindspore":  # the original single file's plan, renamed at the end
+        if from_onnx and to is None and layout == "diffusers":
+            layout = "onnx"  # an ONNX folder into a folder: the same export, LoRAs blended in
+        onnx_request = None
+        if layout == "onnx" and not from_onnx:  # the model as a diffusers folder; ONNX components and dtype after
+            onnx_request = replace(request, dtype=request.dtype or "F32")
+            request.dtype, request.components = None, None
+        if layout == "onnx" and from_onnx:
+            if components or dtype != "keep":
+                raise SdportError(src, "an ONNX export is re-written as it is (LoRAs merged)",
+                                  "export the original model again for other components or dtypes")
+            plan = onnx_rewrite(source)
+        elif from_onnx and layout == "diffusers":
+            plan = onnx_to_diffusers(source, _family(source, found), request.dtype)
+        elif layout == "mindspore":  # the original single file's plan, renamed at the end
             family = _family(source, found)  # a --base's family replaces it below
             plan = to_single_file(source, family, request) if from_diffusers else \
                 repackage_plan(source, fmt, request.dtype, "")
@@ -165,7 +176,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
         if layout == "mindspore":
             plan = mindone.to_mindone(plan, family, request.dtype)
         try:
-            if layout == "onnx":
+            if onnx_request is not None:
                 validate(plan, merged, allow_unknown=allow_unknown)
                 plan = _onnx(plan, _family(source, found), onnx_request, onnx_layout, vae_dtype, opset, progress)
             validate(plan, merged, allow_unknown=allow_unknown)

@@ -215,17 +215,25 @@ def folder_plan(source: TensorSource, dtype: str | None) -> Plan:
         files.setdefault(out, OutputFile(out, "safetensors", [], {"format": "pt", **_modelspec(source)}))
         files[out].tensors.append(derive(inner, dtype, source, (name,)))
     plan = Plan(files=list(files.values()), dropped={k: f"not a tensor ({v})" for k, v in source.non_tensors.items()})
-    weights = {os.path.realpath(i.file) for i in source.tensors.values()}
-    for folder, _, names in os.walk(source.path):
-        for n in names:
+    plan.extra = small_files(source.path, {os.path.realpath(i.file) for i in source.tensors.values()})
+    return plan
+
+
+def small_files(path: str, weights: set[str] = frozenset()) -> dict[str, bytes]:
+    """A model folder's configs and tokenizers (``.json``/``.txt`` under 16 MiB), by relative path.
+
+    Symlinks are followed (a Hugging Face cache snapshot links every file to its blob); a ``.bin``
+    shard index is left out (it would name files that are renamed), as are the files in ``weights``.
+    """
+    out = {}
+    for folder, _, names in os.walk(path):
+        for n in sorted(names):
             full = os.path.join(folder, n)
-            # configs, tokenizers, safetensors shard indexes (a .bin index would name files that are renamed)
-            # (followed through symlinks: a Hugging Face cache snapshot links every file to its blob)
             small = n.endswith((".json", ".txt")) and not n.endswith(".bin.index.json")
             if small and os.path.getsize(full) < 16 << 20 and os.path.realpath(full) not in weights:
                 with open(full, "rb") as f:
-                    plan.extra[os.path.relpath(full, source.path)] = f.read()
-    return plan
+                    out[os.path.relpath(full, path)] = f.read()
+    return out
 
 
 def _modelspec(source: TensorSource) -> dict[str, str]:

@@ -16,10 +16,13 @@ import warnings
 from dataclasses import dataclass, field
 
 from ..errors import SdportError
+from ..io.onnx import ONNX_TYPES
 
-#: the input dtypes the pipelines pass: token ids as int32 (diffusers' ONNX pipelines cast them so)
 OPSET = 17
-FLOAT_TYPES = {"F32": 1, "F16": 10}
+#: ops an fp16 graph still computes in fp32 (casts around them): normalisations, whose sums of squares overflow
+#: fp16's 65504, softmax and the pieces of decomposed norms
+FP32_OPS = ["InstanceNormalization", "LayerNormalization", "GroupNormalization", "ReduceMean", "Pow", "Sqrt",
+            "Softmax", "Exp", "Erf"]
 
 
 @dataclass
@@ -150,8 +153,13 @@ def _examples(spec: Spec, config: dict):
     return (torch.zeros(1, 77, dtype=torch.int32),)
 
 
-def trace(spec: Spec, config: dict, *, opset: int = OPSET) -> Traced:
-    """Trace one component; its module is freed when this returns."""
+def trace(spec: Spec, config: dict, *, opset: int = OPSET, fp16: bool = False, fp16_io: bool = False) -> Traced:
+    """Trace one component; its module is freed when this returns.
+
+    ``fp16``: the graph computes in fp16 (inputs, outputs and weights fp16, as the pipelines expect of an
+    fp16 export), except the ops of ``FP32_OPS``, which get casts to fp32 and back. ``fp16_io`` alone:
+    the graph computes in fp32 but takes and gives fp16 (an fp32 VAE in an fp16 pipeline).
+    """
     torch = _torch()
     import onnx
 
@@ -169,6 +177,14 @@ def trace(spec: Spec, config: dict, *, opset: int = OPSET) -> Traced:
     shapes = {n: tuple(p.shape) for n, p in module.state_dict(keep_vars=True).items()}
     del module, forward
     model = onnx.load_from_string(buffer.getvalue())
+    if fp16:
+        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = convert_float_to_float16(model, keep_io_types=False, op_block_list=DEFAULT_OP_BLOCK_LIST + FP32_OPS)
+    elif fp16_io:
+        _fp16_io(model.graph, spec)
     graph = model.graph
     params = []
     for value in list(graph.input):
@@ -177,7 +193,7 @@ def trace(spec: Spec, config: dict, *, opset: int = OPSET) -> Traced:
         if value.name not in shapes:
             raise SdportError(None, f"{spec.name}: the traced graph takes '{value.name}', which is no parameter",
                               "report a bug (diffusers/transformers version)")
-        params.append((value.name, "F32", shapes[value.name]))
+        params.append((value.name, ONNX_TYPES[value.type.tensor_type.elem_type], shapes[value.name]))
         graph.input.remove(value)
     io_types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]}
     model.producer_name, model.producer_version = "sdport", _version()
@@ -186,15 +202,36 @@ def trace(spec: Spec, config: dict, *, opset: int = OPSET) -> Traced:
     return Traced(spec, model.SerializeToString(), graph_bytes, params, io_types)
 
 
+def _fp16_io(graph, spec: Spec) -> None:
+    """Make the float inputs and outputs of an fp32 graph fp16, with a cast beside each."""
+    import onnx
+
+    float_type, half = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    for value in graph.input:
+        if value.name in spec.inputs and value.type.tensor_type.elem_type == float_type:
+            inner = value.name + "_fp32"
+            for node in graph.node:
+                node.input[:] = [inner if i == value.name else i for i in node.input]
+            graph.node.insert(0, onnx.helper.make_node("Cast", [value.name], [inner], to=float_type))
+            value.type.tensor_type.elem_type = half
+    for value in graph.output:
+        if value.type.tensor_type.elem_type == float_type:
+            inner = value.name + "_fp32"
+            for node in graph.node:
+                node.output[:] = [inner if o == value.name else o for o in node.output]
+            graph.node.append(onnx.helper.make_node("Cast", [inner], [value.name], to=half))
+            value.type.tensor_type.elem_type = half
+
+
 def _version() -> str:
     from importlib.metadata import version
 
     return version("sdport")
 
 
-def name_map(traced: Traced, dtypes: dict[str, str]) -> bytes:
-    """``sdport-names.json``: each initializer ↔ the diffusers parameter it holds (sdport's names are the same)."""
-    tensors = {n: {"param": n, "component": traced.spec.weights, "transpose": False, "dtype": dtypes[n]}
-               for n, _, _ in traced.params}
-    doc = {"format": "sdport-onnx-names", "version": 1, "component": traced.spec.name, "tensors": tensors}
+def name_map(spec: Spec, params: dict[str, str], dtypes: dict[str, str]) -> bytes:
+    """``sdport-names.json``: each initializer ↔ the diffusers parameter it holds (``params``), never transposed."""
+    tensors = {n: {"param": p, "component": spec.weights, "transpose": False, "dtype": dtypes[n]}
+               for n, p in params.items()}
+    doc = {"format": "sdport-onnx-names", "version": 1, "component": spec.name, "tensors": tensors}
     return (json.dumps(doc, indent=1) + "\n").encode()

@@ -13,15 +13,14 @@ from dataclasses import replace
 
 from ..dtypes import BY_CODE
 from ..errors import SdportError
-from ..io.onnx import PROTO_LIMIT
+from ..families.clip import hub_name
+from ..io.onnx import DATA_FILE_NAMES, needs_external
 from ..plan import OutputFile, OutputTensor, Plan
 from .onnx import OPSET, Spec, name_map, specs, trace
 
 LAYOUTS = ("diffusers", "optimum")
-#: an external data file takes the weights once the model would come within this much of protobuf's limit
-EXTERNAL_MARGIN = 64 << 20
-#: the file names each layout's loaders look for
-DATA_FILE = {"diffusers": "weights.pb", "optimum": "model.onnx_data"}
+#: the external data file name each layout's exporter uses
+DATA_FILE = dict(zip(LAYOUTS, DATA_FILE_NAMES, strict=True))
 ORT_CLASS = {"sd1": "ORTStableDiffusionPipeline", "sd2": "ORTStableDiffusionPipeline",
              "sdxl-base": "ORTStableDiffusionXLPipeline", "sdxl-refiner": "ORTStableDiffusionXLImg2ImgPipeline"}
 
@@ -69,24 +68,28 @@ def onnx_plan(plan: Plan, family: str, *, layout: str = "diffusers", dtype: str 
     for spec in chosen:
         if progress:
             progress(spec.name)
-        traced = trace(spec, configs[spec.weights], opset=opset)
         want = (vae_dtype or dtype) if spec.weights == "vae" else dtype
-        have = tensors[spec.weights]
-        typed = []
-        for name, _, shape in traced.params:
-            t = have.get(name)
+        if want not in ("F32", "F16"):
+            raise SdportError(None, f"ONNX export in {want}", "use --dtype fp32 or fp16")
+        traced = trace(spec, configs[spec.weights], opset=opset, fp16=want == "F16", fp16_io=dtype == "F16")
+        # a text encoder's names with or without transformers' ``text_model.`` (the module's and the file's may differ)
+        norm = hub_name if spec.weights.startswith("text_encoder") else (lambda n: n)
+        have = {norm(k): t for k, t in tensors[spec.weights].items()}
+        typed, params = [], {}
+        for name, param_dtype, shape in traced.params:
+            t = have.get(norm(name))
             if t is None or tuple(t.shape) != tuple(shape):
                 got = "missing" if t is None else f"of shape {list(t.shape)}"
                 raise SdportError(None, f"{spec.name}: weight '{name}' {got}, the graph needs {list(shape)}",
                                   "the model does not match its config")
-            typed.append(replace(t, dtype=want if BY_CODE[t.dtype].is_float else t.dtype))
-            used.add(f"{spec.weights}/{name}")
-        nbytes = sum(t.slot().nbytes for t in typed)
-        big = nbytes + len(traced.graph) + len(traced.model) > PROTO_LIMIT - EXTERNAL_MARGIN
+            typed.append(replace(t, name=name, dtype=param_dtype if BY_CODE[t.dtype].is_float else t.dtype))
+            params[name] = t.name
+            used.add(f"{spec.weights}/{t.name}")
+        big = needs_external(sum(t.slot().nbytes for t in typed), traced.model, traced.graph)
         external = DATA_FILE[layout] if big else None
         out.files.append(OutputFile(f"{spec.name}/model.onnx", "onnx", typed,
                                     onnx=(traced.model, traced.graph, external)))
-        out.extra[f"{spec.name}/sdport-names.json"] = name_map(traced, {t.name: t.dtype for t in typed})
+        out.extra[f"{spec.name}/sdport-names.json"] = name_map(spec, params, {t.name: t.dtype for t in typed})
     for component, named in tensors.items():
         for name, t in named.items():
             if f"{component}/{name}" not in used:
@@ -110,10 +113,8 @@ def layout_files(plan: Plan, family: str, layout: str, components: list[str], co
     else:
         doc = {"_class_name": ORT_CLASS.get(family, "ORTStableDiffusionPipeline"), "_diffusers_version": "0.39.0",
                "scheduler": scheduler, **tokenizers, **{c: ["diffusers", "OnnxRuntimeModel"] for c in components}}
-        for c in components:
-            source = "vae" if c.startswith("vae") else c
-            if source in configs:
-                files[f"{c}/config.json"] = _json(configs[source])
+    for c in components:  # optimum reads them; sdport reads them to convert the export back
+        files[f"{c}/config.json"] = _json(configs["vae" if c.startswith("vae") else c])
     files["model_index.json"] = _json(doc)
     return files
 

@@ -47,6 +47,10 @@ def open_file(path: str) -> TensorSource:
     from .safetensors import open_safetensors
     from .torch import open_plain_pickle, open_torch_legacy, open_torch_zip
 
+    if path.endswith(".onnx"):
+        from .onnx import open_onnx
+
+        return open_onnx(path)
     opener = {"safetensors": open_safetensors, "torch-zip": open_torch_zip, "torch-legacy": open_torch_legacy,
               "pickle": open_plain_pickle, "mindspore": open_mindspore}[sniff_format(path)]
     return opener(path)
@@ -62,7 +66,10 @@ def open_tensors(path: str | os.PathLike, *, variant: str | None = None) -> Tens
     path = os.fspath(path)
     if os.path.isdir(path):
         from .diffusers import open_diffusers
+        from .onnx import open_onnx_folder
 
+        if any(os.path.isfile(os.path.join(path, d, "model.onnx")) for d in os.listdir(path)):
+            return open_onnx_folder(path)
         return open_diffusers(path, variant=variant)
     if not os.path.exists(path):
         raise SourceNotFoundError(path, "no such file or folder", None)

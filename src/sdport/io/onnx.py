@@ -31,8 +31,11 @@ from .writer import StreamWriter
 ONNX_TYPES = {1: "F32", 2: "U8", 3: "I8", 4: "U16", 5: "I16", 6: "I32", 7: "I64", 9: "BOOL", 10: "F16", 11: "F64",
               12: "U32", 13: "U64", 16: "BF16"}
 TYPE_CODES = {code: n for n, code in ONNX_TYPES.items()}
-#: protobuf's hard limit on one message; a model whose weights come near it keeps them in an external file
+#: protobuf's hard limit on one message; a model whose weights come within EXTERNAL_MARGIN of it keeps them in an
+#: external data file, under one of the names the pipelines' exporters use (diffusers' script, optimum)
 PROTO_LIMIT = 2 << 30
+EXTERNAL_MARGIN = 64 << 20
+DATA_FILE_NAMES = ("weights.pb", "model.onnx_data")
 #: tensors of this size or more start at a multiple of ALIGN in an external data file (as onnx's own saver
 #: does), so onnxruntime can map them instead of copying
 ALIGN_FROM, ALIGN = 1 << 20, 64 << 10
@@ -55,6 +58,11 @@ def _external_fields(location: str, offset: int, length: int) -> bytes:
     entries = b"".join(_field(13, _field(1, k.encode()) + _field(2, v.encode()))
                        for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))))
     return entries + b"\x70\x01"
+
+
+def needs_external(nbytes: int, model: bytes, graph: bytes) -> bool:
+    """Whether weights of ``nbytes`` must go to an external file beside this model and graph."""
+    return nbytes + len(model) + len(graph) > PROTO_LIMIT - EXTERNAL_MARGIN
 
 
 def external_offsets(slots: Sequence[Slot]) -> list[int]:
@@ -321,3 +329,73 @@ def _external(path: str, folder: str, name: str, fields: dict[str, str], sizes: 
         raise FormatError(path, f"invalid external data offset/length for '{name}' (past the end of {location})",
                           "the data file is truncated or does not belong to the model")
     return file, offset, length
+
+
+def split_model(path: str) -> tuple[bytes, bytes]:
+    """The model's fields without its graph, and its graph's fields without initializers, as written."""
+    with _mapped(path) as graph:
+        buf = graph.buf
+        top = _Fields(path, buf, 0, len(buf))
+        model = b"".join(bytes(buf[a:b]) for a, b in _raw_fields(top) if not _is(buf, a, 7))
+        body = b"".join(bytes(buf[a:b]) for a, b in _raw_fields(graph) if not _is(buf, a, 5))
+    return model, body
+
+
+def _raw_fields(fields: _Fields):
+    """[start, end) of each whole field (key included) of a message."""
+    start = fields.pos
+    for _, wire, value in fields:
+        end = value[0] + value[1] if wire == 2 else fields.pos
+        yield start, end
+        start = end
+
+
+def _is(buf, pos: int, number: int) -> bool:
+    return buf[pos] == (number << 3 | 2)
+
+
+#: sdport writes this beside every graph it exports: initializer ↔ diffusers parameter
+NAME_MAP = "sdport-names.json"
+
+
+def folder_graphs(path: str) -> dict[str, tuple[str, dict[str, str]]]:
+    """Each ``<component>/model.onnx`` of an ONNX pipeline folder: its path and initializer → diffusers name.
+
+    With sdport's name map beside a graph, an initializer is the diffusers parameter it names, under
+    its diffusers component (``vae_encoder`` and ``vae_decoder`` both hold parts of ``vae``); without
+    one, it keeps its own name under the folder's, so those an exporter named after the parameter
+    still match.
+    """
+    import json
+
+    out = {}
+    for comp in sorted(os.listdir(path)):
+        model = os.path.join(path, comp, "model.onnx")
+        if not os.path.isfile(model):
+            continue
+        mapped, names = os.path.join(path, comp, NAME_MAP), {}
+        if os.path.isfile(mapped):
+            try:
+                with open(mapped, "rb") as f:
+                    for k, v in json.load(f)["tensors"].items():
+                        if v.get("transpose"):
+                            raise FormatError(mapped, f"'{k}' is stored transposed", "sdport cannot read it back")
+                        names[k] = f"{v['component']}.{v['param']}"
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise FormatError(mapped, "invalid name map", "re-export the model with sdport") from exc
+        out[comp] = (model, names)
+    return out
+
+
+def open_onnx_folder(path: str) -> TensorSource:
+    """An ONNX pipeline folder's weights under their diffusers names (see ``folder_graphs``)."""
+    source = TensorSource(path=path, format="onnx", tensors={})
+    for comp, (model, names) in folder_graphs(path).items():
+        for name, info in open_onnx(model).tensors.items():
+            full = names.get(name, f"{comp}.{name}")
+            if full in source.tensors:
+                raise FormatError(model, f"'{full}' is in two graphs", "the name maps are wrong")
+            source.tensors[full] = TensorInfo(**{**info.__dict__, "name": full})
+    if not source.tensors:
+        raise FormatError(path, "no ONNX graphs with weights in this folder", "expected <component>/model.onnx")
+    return source

@@ -1,0 +1,258 @@
+"""ONNX export, blending and the way back: onnxruntime against torch, diffusers' ONNX pipeline against its torch one.
+
+The tiny pipelines of tests/models.py (real block structure and names) are exported by sdport;
+each graph is run by onnxruntime on the same inputs as the torch module diffusers/transformers load
+from the same weights. LoRAs blended into an export must equal the export of the merged model and
+compute what diffusers' ``fuse_lora`` computes; an export read back must be the weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import leftovers, run_cli, sha256
+from safetensors.numpy import load_file
+
+import sdport
+import sdport.io.onnx as sdonnx
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+diffusers = pytest.importorskip("diffusers")
+import models  # noqa: E402
+from test_lora import kohya_file, make_lora  # noqa: E402
+
+warnings.filterwarnings("ignore")
+PIPES = {"sd1": "StableDiffusionPipeline", "sdxl-base": "StableDiffusionXLPipeline"}
+
+
+def session(folder, component: str):
+    return ort.InferenceSession(os.path.join(folder, component, "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module", params=list(PIPES))
+def setup(request, tmp_path_factory) -> dict:
+    name = request.param
+    root = tmp_path_factory.mktemp("onnx-" + name)
+    ref = models.save_pipeline(name, str(root / "ref"))
+    single = str(root / "model.safetensors")
+    assert run_cli("convert", ref, single).code == 0
+    out = str(root / "onnx")
+    r = run_cli("convert", single, out, "--to", "onnx")  # from the original single file: any source
+    assert r.code == 0, r.err
+    pipe = getattr(diffusers, PIPES[name]).from_pretrained(ref)
+    return {"name": name, "root": root, "ref": ref, "single": single, "onnx": out, "pipe": pipe}
+
+
+def _unet_inputs(pipe, rng, dtype=np.float32) -> dict[str, np.ndarray]:
+    cfg = pipe.unet.config
+    feed = {"sample": rng.standard_normal((2, cfg.in_channels, 16, 24)), "timestep": np.array([611.0]),
+            "encoder_hidden_states": rng.standard_normal((2, 77, cfg.cross_attention_dim))}
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        feed["text_embeds"] = rng.standard_normal((2, pooled))
+        feed["time_ids"] = np.tile(np.array([[64.0, 64, 0, 0, 64, 64]]), (2, 1))
+    return {k: v.astype(dtype) for k, v in feed.items()}
+
+
+def _torch_unet(pipe, feed: dict[str, np.ndarray]) -> np.ndarray:
+    t = {k: torch.tensor(v, dtype=torch.float32) for k, v in feed.items()}
+    added = {"text_embeds": t["text_embeds"], "time_ids": t["time_ids"]} if "text_embeds" in t else None
+    with torch.no_grad():
+        return pipe.unet(t["sample"], t["timestep"], t["encoder_hidden_states"], added_cond_kwargs=added).sample.numpy()
+
+
+def _compare_components(pipe, folder, rng, tol: float, dtype=np.float32) -> dict[str, float]:
+    """Max abs error of each graph against the torch module on the same inputs."""
+    errors = {}
+    ids = np.array([[49406, 320, 1125, 539, 320, 1929, 2368, 49407] + [49407] * 69], dtype=np.int32)
+    for comp in ("text_encoder", "text_encoder_2"):
+        module = getattr(pipe, comp, None)
+        if module is None:
+            continue
+        sess = session(folder, comp)
+        got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input_ids": ids}), strict=True))
+        with torch.no_grad():
+            ref = module(torch.tensor(ids, dtype=torch.long), output_hidden_states=True)
+        want = {"last_hidden_state": ref.last_hidden_state,
+                **({"text_embeds": ref.text_embeds} if hasattr(ref, "text_embeds") else
+                   {"pooler_output": ref.pooler_output}),
+                **{f"hidden_states.{i}": h for i, h in enumerate(ref.hidden_states)}}
+        assert set(got) <= set(want) and {"last_hidden_state"} < set(got)
+        errors[comp] = max(float(np.abs(got[k].astype(np.float32) - want[k].numpy()).max()) for k in got)
+    feed = _unet_inputs(pipe, rng, dtype)
+    errors["unet"] = float(np.abs(session(folder, "unet").run(None, feed)[0] - _torch_unet(pipe, feed)).max())
+    image = rng.standard_normal((1, 3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        mean = pipe.vae.encode(torch.tensor(image)).latent_dist.mean.numpy()
+    got = session(folder, "vae_encoder").run(None, {"sample": image.astype(dtype)})[0]
+    errors["vae_encoder"] = float(np.abs(got - mean).max())
+    latent = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        decoded = pipe.vae.decode(torch.tensor(latent)).sample.numpy()
+    got = session(folder, "vae_decoder").run(None, {"latent_sample": latent.astype(dtype)})[0]
+    errors["vae_decoder"] = float(np.abs(got - decoded).max())
+    return errors
+
+
+def test_every_graph_computes_what_the_torch_module_computes(setup) -> None:
+    errors = _compare_components(setup["pipe"], setup["onnx"], np.random.default_rng(0), 1e-4)
+    want = {"text_encoder", "unet", "vae_encoder", "vae_decoder"}
+    want |= {"text_encoder_2"} if "xl" in setup["name"] else set()
+    assert set(errors) == want
+    assert max(errors.values()) < 1e-4, errors
+
+
+def test_graphs_take_what_the_pipelines_pass(setup) -> None:
+    unet, te = session(setup["onnx"], "unet"), session(setup["onnx"], "text_encoder")
+    assert [(i.name, i.type) for i in te.get_inputs()] == [("input_ids", "tensor(int32)")]
+    inputs = {i.name: (i.type, i.shape) for i in unet.get_inputs()}
+    assert inputs["timestep"][0] == "tensor(float)"
+    assert inputs["sample"][1] == ["batch_size", inputs["sample"][1][1], "height", "width"]
+    feed = _unet_inputs(setup["pipe"], np.random.default_rng(1))
+    one = unet.run(None, {**feed, "timestep": np.array([611.0], np.float32)})[0]  # (1,) beside a batch of 2
+    two = unet.run(None, {**feed, "timestep": np.array([611.0, 611.0], np.float32)})[0]
+    assert one.shape == feed["sample"].shape and np.array_equal(one, two)
+    names = json.loads((setup["root"] / "onnx" / "unet" / "sdport-names.json").read_text())["tensors"]
+    assert set(names) == set(setup["pipe"].unet.state_dict())  # every weight, under its diffusers name
+
+
+def test_fp16_export_is_half_the_size_and_close(setup, tmp_path) -> None:
+    out = str(tmp_path / "fp16")
+    r = run_cli("convert", setup["ref"], out, "--to", "onnx", "--dtype", "fp16", "--vae-dtype", "fp32")
+    assert r.code == 0, r.err
+    assert session(out, "unet").get_inputs()[0].type == "tensor(float16)"
+    # the fp32 VAE takes and gives fp16 (the pipelines pass it the fp16 latents) and computes in fp32
+    assert session(out, "vae_decoder").get_inputs()[0].type == "tensor(float16)"
+    assert {t.dtype for t in sdonnx.open_onnx(os.path.join(out, "vae_decoder", "model.onnx")).tensors.values()} \
+        == {"F32"}
+    weights = lambda f: sum(t.nbytes for t in sdonnx.open_onnx(os.path.join(f, "unet", "model.onnx")).tensors.values())  # noqa: E731
+    assert weights(out) * 2 == weights(setup["onnx"])
+    rng = np.random.default_rng(2)
+    feed = _unet_inputs(setup["pipe"], rng, np.float16)
+    got = session(out, "unet").run(None, feed)[0].astype(np.float32)
+    want = _torch_unet(setup["pipe"], {k: v.astype(np.float32) for k, v in feed.items()})
+    rel = np.abs(got - want).max() / np.abs(want).max()
+    assert got.dtype == np.float32 and rel < 1e-2, rel  # measured ≈ 2e-3 (fp16 weights and activations)
+
+
+def test_diffusers_onnx_pipeline_gives_the_torch_image(setup) -> None:
+    if setup["name"] != "sd1":
+        pytest.skip("diffusers has no SDXL ONNX pipeline (the optimum layout serves SDXL)")
+    onnx_pipe = diffusers.OnnxStableDiffusionPipeline.from_pretrained(setup["onnx"], provider="CPUExecutionProvider")
+    latents = np.random.default_rng(3).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    kw = dict(num_inference_steps=2, height=64, width=64, output_type="np", guidance_scale=7.5)
+    got = onnx_pipe("a photo of a red cat", latents=latents, **kw).images
+    torch_pipe = diffusers.StableDiffusionPipeline.from_pretrained(setup["ref"], safety_checker=None)
+    want = torch_pipe("a photo of a red cat", latents=torch.tensor(latents), **kw).images
+    assert got.shape == want.shape == (1, 64, 64, 3)
+    assert np.abs(got - want).max() < 1e-4
+
+
+def test_back_from_onnx_is_bit_exact(setup, tmp_path) -> None:
+    back = str(tmp_path / "back.safetensors")
+    assert run_cli("convert", setup["onnx"], back).code == 0
+    a, b = load_file(back), load_file(setup["single"])
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in b)
+    folder = str(tmp_path / "folder")
+    r = run_cli("convert", setup["onnx"], folder, "--to", "diffusers")
+    assert r.code == 0, r.err
+    pipe = type(setup["pipe"]).from_pretrained(folder)
+    for comp in ("unet", "vae", "text_encoder"):
+        mine, ref = getattr(pipe, comp).state_dict(), getattr(setup["pipe"], comp).state_dict()
+        assert all(torch.equal(mine[k], ref[k]) for k in ref), comp
+
+
+def test_weights_past_the_limit_go_to_an_external_file(setup, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(sdonnx, "EXTERNAL_MARGIN", sdonnx.PROTO_LIMIT - 1_000_000)  # every graph above 1 MB
+    out = str(tmp_path / "ext")
+    sdport.convert(setup["ref"], out, to="onnx", components="unet,vae_decoder")
+    assert sorted(os.listdir(os.path.join(out, "unet"))) == ["config.json", "model.onnx", "sdport-names.json",
+                                                              "weights.pb"]
+    onnx.checker.check_model(os.path.join(out, "unet", "model.onnx"))
+    model = onnx.load(os.path.join(out, "unet", "model.onnx"), load_external_data=False)
+    locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"weights.pb"}
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    feed = _unet_inputs(setup["pipe"], np.random.default_rng(4))
+    assert np.array_equal(session(out, "unet").run(None, feed)[0], session(setup["onnx"], "unet").run(None, feed)[0])
+    back = str(tmp_path / "unet.safetensors")
+    sdport.convert(out, back, to="diffusers")
+    assert not os.path.exists(os.path.join(out, "text_encoder"))
+    a = load_file(os.path.join(back, "unet", "diffusion_pytorch_model.safetensors"))
+    ref = setup["pipe"].unet.state_dict()
+    assert all(np.array_equal(a[k], ref[k].numpy()) for k in ref)
+
+
+def test_lora_blended_into_an_export_equals_exporting_the_merged_model(setup, tmp_path) -> None:
+    pipe = setup["pipe"]
+    lora = kohya_file(make_lora(pipe), str(tmp_path / "lora.safetensors"),
+                      te_prefix="lora_te1" if "xl" in setup["name"] else "lora_te")
+    blended, merged = str(tmp_path / "blended"), str(tmp_path / "merged")
+    before = sha256(os.path.join(setup["onnx"], "unet", "model.onnx"))
+    r = run_cli("convert", setup["onnx"], blended, "--lora", f"{lora}:0.7", "--report")
+    assert r.code == 0, r.err
+    assert "unmatched" not in r.out and "lora " in r.out
+    assert sha256(os.path.join(setup["onnx"], "unet", "model.onnx")) == before
+    assert run_cli("convert", setup["single"], merged, "--to", "onnx", "--lora", f"{lora}:0.7").code == 0
+    a, b = sdport.io.open_tensors(blended), sdport.io.open_tensors(merged)
+    assert set(a.tensors) == set(b.tensors)
+    changed = [k for k in a.tensors if not np.array_equal(a.read(k), b.read(k))]
+    assert not changed
+    base = sdport.io.open_tensors(setup["onnx"])
+    assert sum(not np.array_equal(a.read(k), base.read(k)) for k in a.tensors) > 20
+    # the oracle: diffusers' own load + fuse, run in torch, against onnxruntime on the blended graph
+    pipe = type(pipe).from_pretrained(setup["ref"])
+    pipe.load_lora_weights(lora)
+    pipe.fuse_lora(lora_scale=0.7, components=["unet"])
+    feed = _unet_inputs(pipe, np.random.default_rng(5))
+    got = session(blended, "unet").run(None, feed)[0]
+    assert np.abs(got - _torch_unet(pipe, feed)).max() < 1e-4
+
+
+def test_blending_says_what_it_could_not_place(setup, tmp_path) -> None:
+    if setup["name"] != "sd1":
+        pytest.skip("one family is enough")
+    import safetensors.torch
+
+    lora = str(tmp_path / "odd.safetensors")
+    safetensors.torch.save_file({"lora_unet_no_such_block_proj.lora_up.weight": torch.ones(4, 2),
+                                 "lora_unet_no_such_block_proj.lora_down.weight": torch.ones(2, 4),
+                                 "lora_unet_conv_in.lora_up.weight": torch.ones(32, 2, 1, 1) * 0.01,
+                                 "lora_unet_conv_in.lora_down.weight": torch.ones(2, 4, 3, 3)}, lora)
+    out = str(tmp_path / "out")
+    r = run_cli("convert", setup["onnx"], out, "--lora", lora)
+    assert r.code == 2 and "no_such_block" in r.err and len(r.err.strip().splitlines()) == 1
+    assert not os.path.exists(out) and not leftovers(tmp_path)
+    r = run_cli("convert", setup["onnx"], out, "--lora", lora, "--allow-unmatched", "--report")
+    assert r.code == 0 and "unmatched" in r.out and "no_such_block" in r.out
+
+
+def test_optimum_layout_has_every_config(setup, tmp_path) -> None:
+    out = str(tmp_path / "opt")
+    assert run_cli("convert", setup["ref"], out, "--to", "onnx", "--layout", "optimum").code == 0
+    index = json.loads(open(os.path.join(out, "model_index.json")).read())
+    assert index["_class_name"].startswith("ORTStableDiffusion")
+    for comp in ("text_encoder", "unet", "vae_encoder", "vae_decoder"):
+        assert index[comp] and os.path.isfile(os.path.join(out, comp, "config.json"))
+    assert os.path.isfile(os.path.join(out, "scheduler", "scheduler_config.json"))
+    assert os.path.isfile(os.path.join(out, "tokenizer", "tokenizer_config.json"))
+
+
+def test_bad_requests_exit_2_with_one_line_and_nothing_written(setup, tmp_path) -> None:
+    vae = str(tmp_path / "vae.safetensors")
+    assert run_cli("convert", os.path.join(setup["ref"], "vae"), vae).code == 0
+    for args, words in ((vae, "whole pipeline"),
+                        (setup["ref"], "--components"),
+                        (setup["onnx"], "re-written as it is")):
+        out = str(tmp_path / "out")
+        extra = {"--components": ["--components", "unet,nope"], "re-written as it is": ["--dtype", "fp16"]}
+        r = run_cli("convert", args, out, "--to", "onnx", *extra.get(words, []))
+        assert r.code == 2 and words in r.err, (args, r.err)
+        assert len(r.err.strip().splitlines()) == 1
+        assert not os.path.exists(out)
