@@ -256,3 +256,57 @@ def test_bad_requests_exit_2_with_one_line_and_nothing_written(setup, tmp_path) 
         assert r.code == 2 and words in r.err, (args, r.err)
         assert len(r.err.strip().splitlines()) == 1
         assert not os.path.exists(out)
+
+
+def _external_model(folder, location: str, *, offset: str = "0", length: str = "64", extra: dict | None = None) -> str:
+    """A one-initializer model whose weights are 16 float32 in an external file at ``location``."""
+    from onnx import TensorProto, helper
+
+    t = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[16], data_location=TensorProto.EXTERNAL)
+    for k, v in {"location": location, "offset": offset, "length": length, **(extra or {})}.items():
+        t.external_data.add(key=k, value=v)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [16])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g", [x], [y], [t])
+    path = os.path.join(folder, "model.onnx")
+    onnx.save(helper.make_model(graph), path)
+    return path
+
+
+@pytest.mark.parametrize("case, words", [
+    ("../secret.bin", "escapes model folder"),
+    ("/etc/passwd", "escapes model folder"),
+    ("sub/../../secret.bin", "escapes model folder"),
+    ("link.bin", "is a symlink"),
+    ("d/w.bin", "is a symlink"),
+    ("hard.bin", "multiple hard links"),
+    ("offset", "invalid external data offset/length"),
+    ("huge", "invalid external data offset/length"),
+    ("dunder", "unknown external_data key"),
+    ("length", "external data length mismatch"),
+    ("missing.bin", "is missing"),
+])
+def test_hostile_external_data_is_refused_by_name(tmp_path, case, words) -> None:
+    outside = tmp_path / "secret.bin"
+    outside.write_bytes(bytes(4096))
+    model_dir = tmp_path / "m"
+    (model_dir / "sub").mkdir(parents=True)
+    (model_dir / "w.bin").write_bytes(bytes(64))
+    os.symlink(outside, model_dir / "link.bin")
+    os.symlink(tmp_path, model_dir / "d")
+    os.link(outside, model_dir / "hard.bin")
+    kwargs = {"offset": dict(location="w.bin", offset="-1"), "huge": dict(location="w.bin", length=str(2 ** 50)),
+              "dunder": dict(location="w.bin", extra={"__class__": "x"}), "length": dict(location="w.bin", length="60"),
+              }.get(case, dict(location=case))
+    path = _external_model(str(model_dir), **kwargs)
+    with pytest.raises(sdport.errors.FormatError, match=words):
+        sdonnx.open_onnx(path)
+    r = run_cli("inspect", path)
+    assert r.code == 2 and words in r.err and len(r.err.strip().splitlines()) == 1
+
+
+def test_a_plain_external_model_reads_its_bytes(tmp_path) -> None:
+    (tmp_path / "w.bin").write_bytes(np.arange(20, dtype=np.float32).tobytes())
+    path = _external_model(str(tmp_path), "w.bin", offset="16", length="64")
+    source = sdonnx.open_onnx(path)
+    assert np.array_equal(source.read("w"), np.arange(4, 20, dtype=np.float32))
