@@ -5,6 +5,7 @@ The public API is small and lazy: importing sdport imports neither numpy nor tor
     >>> import sdport
     >>> sdport.inspect("model.ckpt")["family"]
     >>> sdport.convert("model.ckpt", "model.safetensors", dtype="fp16")
+    >>> sdport.export_onnx("model.safetensors", "model-onnx", dtype="fp16", vae_dtype="fp32")
     >>> sdport.merge_loras("model.safetensors", "merged", ["style.safetensors:0.8"])
     >>> sdport.lora.convert("style.safetensors", "style-peft.safetensors", to="peft")
 """
@@ -16,7 +17,7 @@ from typing import Any
 from .errors import FormatError, OutputError, PlanError, SdportError, UnknownKeyError, UnsafeFileError
 
 __all__ = ["FormatError", "OutputError", "PlanError", "SdportError", "UnknownKeyError", "UnsafeFileError",
-           "convert", "inspect", "lora", "merge_loras", "open_tensors"]
+           "convert", "export_onnx", "inspect", "lora", "merge_loras", "open_tensors"]
 
 
 def __getattr__(name: str) -> Any:
@@ -33,6 +34,11 @@ def inspect(source: Any) -> dict[str, Any]:
     from .inspection import inspect as _inspect
 
     return _inspect(source)
+
+
+def export_onnx(src: Any, dst: Any, **options: Any) -> Any:
+    """``convert(src, dst, to="onnx", …)``: an ONNX pipeline folder (``onnx_layout``, ``dtype``, ``vae_dtype``, …)."""
+    return convert(src, dst, to="onnx", **options)
 
 
 def convert(src: Any, dst: Any, **options: Any) -> Any:
