@@ -152,6 +152,13 @@ def test_diffusers_onnx_pipeline_gives_the_torch_image(setup) -> None:
     want = torch_pipe("a photo of a red cat", latents=torch.tensor(latents), **kw).images
     assert got.shape == want.shape == (1, 64, 64, 3)
     assert np.abs(got - want).max() < 1e-4
+    half = str(setup["root"] / "fp16-pipeline")  # fp16 graphs, fp32 VAE: what the pipeline passes, fp16 latents
+    assert run_cli("convert", setup["single"], half, "--to", "onnx", "--dtype", "fp16", "--vae-dtype", "fp32").code == 0
+    onnx_pipe = diffusers.OnnxStableDiffusionPipeline.from_pretrained(half, provider="CPUExecutionProvider")
+    got16 = onnx_pipe("a photo of a red cat", latents=latents.astype(np.float16), **kw).images
+    err = float(np.abs(got16.astype(np.float32) - want).max())
+    print(f"fp16 export vs torch fp32 image: max abs {err:.2e}")
+    assert np.isfinite(got16).all() and err < 0.05
 
 
 def test_back_from_onnx_is_bit_exact(setup, tmp_path) -> None:

@@ -102,6 +102,8 @@ def layout_files(plan: Plan, family: str, layout: str, components: list[str], co
                  ) -> dict[str, bytes]:
     """model_index.json, the scheduler, tokenizers and (optimum) component configs of the export folder."""
     files = {k: v for k, v in plan.extra.items() if k.startswith(("scheduler/", "tokenizer"))}
+    for folder in {k.split("/")[0] for k in files if k.startswith("tokenizer")}:
+        files.update(_slow_tokenizer(files, folder))
     index = json.loads(plan.extra.get("model_index.json", b"{}") or b"{}")
     scheduler = index.get("scheduler") or ["diffusers", "PNDMScheduler"]
     tokenizers = {k: v for k, v in index.items() if k.startswith("tokenizer") and v and v[0]}
@@ -117,6 +119,22 @@ def layout_files(plan: Plan, family: str, layout: str, components: list[str], co
         files[f"{c}/config.json"] = _json(configs["vae" if c.startswith("vae") else c])
     files["model_index.json"] = _json(doc)
     return files
+
+
+def _slow_tokenizer(files: dict[str, bytes], folder: str) -> dict[str, bytes]:
+    """vocab.json and merges.txt from a ``tokenizer.json`` that comes alone (transformers 5 saves only it), so
+    the export's tokenizer loads in the older transformers that onnx-web and Optimum run on."""
+    fast = files.get(f"{folder}/tokenizer.json")
+    if fast is None or f"{folder}/vocab.json" in files:
+        return {}
+    try:
+        model = json.loads(fast)["model"]
+        vocab, merges = model["vocab"], model["merges"]
+        lines = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SdportError(f"{folder}/tokenizer.json", "not a BPE tokenizer", "give the model a CLIP tokenizer") from exc
+    merges_txt = "#version: 0.2\n" + "\n".join(lines) + "\n"
+    return {f"{folder}/vocab.json": _json(vocab), f"{folder}/merges.txt": merges_txt.encode()}
 
 
 def _json(obj: object) -> bytes:
