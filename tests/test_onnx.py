@@ -240,6 +240,43 @@ def test_blending_says_what_it_could_not_place(setup, tmp_path) -> None:
     assert r.code == 0 and "unmatched" in r.out and "no_such_block" in r.out
 
 
+def test_controlnet_graph_feeds_the_cnet_unet_as_torch_does(setup, tmp_path) -> None:
+    if setup["name"] != "sd1":
+        pytest.skip("the tiny ControlNet has SD1's structure")
+    cn = models.controlnet()
+    cn.save_pretrained(str(tmp_path / "cn"))
+    cn_out, pipe_out = str(tmp_path / "cn-onnx"), str(tmp_path / "pipe-onnx")
+    assert run_cli("convert", str(tmp_path / "cn"), cn_out, "--to", "onnx").code == 0
+    r = run_cli("convert", setup["single"], pipe_out, "--to", "onnx", "--controlnet", "--components", "unet")
+    assert r.code == 0, r.err
+    assert sorted(os.listdir(pipe_out)) == ["cnet", "model_index.json", "scheduler", "tokenizer", "unet"]
+    rng = np.random.default_rng(6)
+    feed = _unet_inputs(setup["pipe"], rng)
+    image = rng.standard_normal((2, 3, 128, 192)).astype(np.float32)
+    residuals = session(cn_out, "controlnet").run(None, {**feed, "controlnet_cond": image})
+    t = {k: torch.tensor(v) for k, v in feed.items()}
+    with torch.no_grad():
+        down, mid = cn(t["sample"], t["timestep"], t["encoder_hidden_states"], torch.tensor(image), return_dict=False)
+        want = setup["pipe"].unet(t["sample"], t["timestep"], t["encoder_hidden_states"],
+                                  down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+    assert max(float(np.abs(a - b.numpy()).max()) for a, b in zip(residuals, [*down, mid], strict=True)) < 1e-4
+    cnet = session(pipe_out, "cnet")
+    names = [i.name for i in cnet.get_inputs()]
+    assert names[3:] == [o.name for o in session(cn_out, "controlnet").get_outputs()]  # wired by name
+    got = cnet.run(None, {**feed, **dict(zip(names[3:], residuals, strict=True))})[0]
+    assert np.abs(got - want.numpy()).max() < 1e-4
+    # a LoRA blended into the export reaches both UNets; reading the export back takes the UNet once
+    lora = kohya_file(make_lora(setup["pipe"]), str(tmp_path / "lora.safetensors"))
+    blended = str(tmp_path / "blended")
+    assert run_cli("convert", pipe_out, blended, "--lora", f"{lora}:0.5", "--allow-unmatched").code == 0
+    unet, cnet_w = (sdonnx.open_onnx(os.path.join(blended, c, "model.onnx")) for c in ("unet", "cnet"))
+    assert all(np.array_equal(unet.read(k), cnet_w.read(k)) for k in unet.tensors)
+    base = sdonnx.open_onnx(os.path.join(pipe_out, "unet", "model.onnx"))
+    assert sum(not np.array_equal(unet.read(k), base.read(k)) for k in unet.tensors) > 20
+    back = str(tmp_path / "back")
+    assert run_cli("convert", pipe_out, back, "--to", "diffusers").code == 0
+
+
 def test_optimum_layout_has_every_config(setup, tmp_path) -> None:
     out = str(tmp_path / "opt")
     assert run_cli("convert", setup["ref"], out, "--to", "onnx", "--layout", "optimum").code == 0

@@ -59,6 +59,7 @@ def inspect_cmd(source: str, as_json: bool) -> None:
               help="ONNX folder layout: diffusers (OnnxStableDiffusionPipeline, onnx-web) or optimum (ORT pipelines).")
 @click.option("--vae-dtype", type=click.Choice(["fp32", "fp16"]), help="ONNX: the VAE's dtype (fp16 can overflow).")
 @click.option("--opset", type=int, help="ONNX opset (default 17).")
+@click.option("--controlnet", is_flag=True, help="ONNX: add cnet/, the UNet taking a ControlNet's residuals.")
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]),
               help="What the UNet predicts, where the file cannot tell (SD2-base 512: epsilon).")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:RATIO]",
@@ -71,8 +72,8 @@ def inspect_cmd(source: str, as_json: bool) -> None:
 @click.option("--report", is_flag=True, help="List every input entry left out, with the reason.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def convert_cmd(src: str, dst: str, to: str | None, dtype: str, fmt: str | None, ema: bool, components: str | None,
-                onnx_layout: str, vae_dtype: str | None, opset: int | None, prediction_type: str | None,
-                loras: tuple[str, ...], allow_unmatched: bool, lora_alpha: float | None,
+                onnx_layout: str, vae_dtype: str | None, opset: int | None, controlnet: bool,
+                prediction_type: str | None, loras: tuple[str, ...], allow_unmatched: bool, lora_alpha: float | None,
                 base: str | None, allow_unknown: bool, force: bool, report: bool, quiet: bool) -> None:
     """Convert SRC to DST (another format, layout or dtype), streaming, atomically."""
     # sdport's own workers compute LoRA updates; OpenBLAS's pool on top of them only spins (2× the CPU time of a
@@ -83,7 +84,7 @@ def convert_cmd(src: str, dst: str, to: str | None, dtype: str, fmt: str | None,
     result = convert(src, dst, to=to, dtype=dtype, format=fmt, ema=ema, components=components,
                      prediction_type=prediction_type, loras=loras, allow_unmatched=allow_unmatched,
                      lora_alpha=lora_alpha, base=base, allow_unknown=allow_unknown, force=force, progress=not quiet,
-                     onnx_layout=onnx_layout, vae_dtype=vae_dtype, opset=opset)
+                     onnx_layout=onnx_layout, vae_dtype=vae_dtype, opset=opset, controlnet=controlnet)
     if not quiet:
         click.echo(f"wrote {result.output}: {result.tensors} tensors, {result.bytes:,} bytes"
                    + (f", {len(result.dropped)} entries left out" if result.dropped else ""), err=True)

@@ -84,7 +84,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
             allow_unmatched: bool = False, allow_unknown: bool = False, force: bool = False,
             progress: bool = False, lora_alpha: float | None = None,
             base: str | os.PathLike | None = None, onnx_layout: str = "diffusers", vae_dtype: str | None = None,
-            opset: int | None = None) -> ConvertResult:
+            opset: int | None = None, controlnet: bool = False) -> ConvertResult:
     """Convert a model file or folder to another layout, format or dtype.
 
     Args:
@@ -104,6 +104,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
         onnx_layout: ONNX only: ``diffusers`` (OnnxStableDiffusionPipeline, onnx-web) or ``optimum`` (ORT pipelines).
         vae_dtype: ONNX only: the VAE's dtype when it differs from ``dtype`` (``fp32``: fp16 VAEs overflow).
         opset: ONNX only: the opset of the graphs.
+        controlnet: ONNX only: add ``cnet``, the UNet taking a ControlNet's residuals (onnx-web's layout).
         force: replace an existing output.
 
     Returns:
@@ -178,7 +179,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
         try:
             if onnx_request is not None:
                 validate(plan, merged, allow_unknown=allow_unknown)
-                plan = _onnx(plan, _family(source, found), onnx_request, onnx_layout, vae_dtype, opset, progress)
+                plan = _onnx(plan, _family(source, found), onnx_request, onnx_layout, vae_dtype, opset, controlnet,
+                             progress)
             validate(plan, merged, allow_unknown=allow_unknown)
             execute(plan, merged, dst, force=force, progress=progress)
         finally:
@@ -189,16 +191,18 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
 
 
 def _onnx(plan: Plan, family: str, request: LayoutRequest, layout: str, vae_dtype: str | None, opset: int | None,
-          progress: bool) -> Plan:
+          controlnet: bool, progress: bool) -> Plan:
     from .export.onnx import OPSET
     from .export.onnx_plan import onnx_plan
 
-    if family not in PIPELINES:
-        raise SdportError(None, f"ONNX export takes a whole pipeline, not a lone {family}",
+    if family not in PIPELINES and family != "controlnet":
+        raise SdportError(None, f"ONNX export takes a whole pipeline or a ControlNet, not a lone {family}",
                           "export a Stable Diffusion 1.x, 2.x or XL model")
+    if controlnet and family not in PIPELINES:
+        raise SdportError(None, "--controlnet adds the ControlNet UNet to a pipeline's export", "drop --controlnet")
     say = (lambda name: print(f"tracing {name}", file=sys.stderr)) if progress else None
     return onnx_plan(plan, family, layout=layout, dtype=request.dtype, vae_dtype=_dtype_code(vae_dtype or "keep"),
-                     opset=opset or OPSET, components=request.components, progress=say)
+                     opset=opset or OPSET, components=request.components, controlnet=controlnet, progress=say)
 
 
 def _open(stack: ExitStack, path: str) -> TensorSource:

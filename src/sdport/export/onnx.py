@@ -55,29 +55,58 @@ def _torch():
     return torch
 
 
-def specs(components: list[str], config: dict[str, dict]) -> list[Spec]:
-    """The ONNX components of a pipeline, given its diffusers components and their configs."""
+def residuals(config: dict) -> list[tuple[int, int]]:
+    """(channels, downscale) of each residual a ControlNet gives a UNet: the down blocks' outputs, then the mid."""
+    boc, layers = config["block_out_channels"], config["layers_per_block"]
+    out = [(boc[0], 1)]
+    for i, ch in enumerate(boc):
+        out += [(ch, 2 ** i)] * layers + ([(ch, 2 ** (i + 1))] if i < len(boc) - 1 else [])
+    return out + [(boc[-1], 2 ** (len(boc) - 1))]
+
+
+def _residual_names(config: dict) -> list[str]:
+    n = len(residuals(config))
+    return [f"down_block_{i}" for i in range(n - 1)] + ["mid_block_additional_residual"]
+
+
+def _residual_axes(config: dict) -> dict[str, dict[int, str]]:
+    return {name: {0: "batch_size", 2: f"height_{scale}", 3: f"width_{scale}"}
+            for name, (_, scale) in zip(_residual_names(config), residuals(config), strict=True)}
+
+
+def specs(components: list[str], config: dict[str, dict], *, controlnet: bool = False) -> list[Spec]:
+    """The ONNX components of a pipeline, given its diffusers components and their configs.
+
+    ``controlnet``: also ``cnet``, the UNet taking a ControlNet's residuals (onnx-web's layout). A
+    lone ControlNet (component ``""``) is one graph, ``controlnet``, giving the residuals by those names.
+    """
     out = []
     xl = "text_encoder_2" in config or config.get("unet", {}).get("addition_embed_type") == "text_time"
+    image = {0: "batch_size", 2: "height", 3: "width"}
     for c in components:
+        cfg = config[c]
+        extra = ["text_embeds", "time_ids"] if cfg.get("addition_embed_type") == "text_time" else []
+        unet_axes = {"sample": image, "timestep": {0: "steps"}, "text_embeds": {0: "batch_size"},
+                     "time_ids": {0: "batch_size"}, "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"}}
+        unet_inputs = ["sample", "timestep", "encoder_hidden_states", *extra]
         if c.startswith("text_encoder"):
-            layers = config[c]["num_hidden_layers"]
-            hidden = [f"hidden_states.{i}" for i in range(layers + 1)] if xl else []
-            first = ["text_embeds"] if config[c]["architectures"][0].endswith("WithProjection") else ["pooler_output"]
-            outs = (["last_hidden_state", *first] if first == ["pooler_output"] else [*first, "last_hidden_state"])
-            out.append(Spec(c, c, ["input_ids"], outs + hidden,
-                            {"input_ids": {0: "batch_size", 1: "sequence_length"}}))
+            hidden = [f"hidden_states.{i}" for i in range(cfg["num_hidden_layers"] + 1)] if xl else []
+            projected = cfg["architectures"][0].endswith("WithProjection")
+            outs = ["text_embeds", "last_hidden_state"] if projected else ["last_hidden_state", "pooler_output"]
+            out.append(Spec(c, c, ["input_ids"], outs + hidden, {"input_ids": {0: "batch_size", 1: "sequence_length"}}))
         elif c == "unet":
-            extra = ["text_embeds", "time_ids"] if config["unet"].get("addition_embed_type") == "text_time" else []
-            dyn = {"sample": {0: "batch_size", 2: "height", 3: "width"}, "timestep": {0: "steps"},
-                   "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
-                   "text_embeds": {0: "batch_size"}, "time_ids": {0: "batch_size"},
-                   "out_sample": {0: "batch_size", 2: "height", 3: "width"}}
-            out.append(Spec("unet", "unet", ["sample", "timestep", "encoder_hidden_states", *extra], ["out_sample"],
-                            {k: v for k, v in dyn.items() if k in ("out_sample", "sample", "timestep",
-                                                                    "encoder_hidden_states", *extra)}))
+            axes = {k: v for k, v in unet_axes.items() if k in unet_inputs}
+            out.append(Spec("unet", "unet", unet_inputs, ["out_sample"], {**axes, "out_sample": image}))
+            if controlnet:
+                names = _residual_names(cfg)
+                out.append(Spec("cnet", "unet", unet_inputs + names, ["out_sample"],
+                                {**axes, **_residual_axes(cfg), "out_sample": image}))
+        elif c == "" and cfg.get("_class_name") == "ControlNetModel":
+            cond = {0: "batch_size", 2: "image_height", 3: "image_width"}
+            axes = {k: v for k, v in unet_axes.items() if k in unet_inputs}
+            out.append(Spec("controlnet", "", unet_inputs[:3] + ["controlnet_cond"] + extra, _residual_names(cfg),
+                            {**axes, "controlnet_cond": cond, **_residual_axes(cfg)}))
         elif c == "vae":
-            image = {0: "batch_size", 2: "height", 3: "width"}
             latent = {0: "batch_size", 2: "height_latent", 3: "width_latent"}
             out.append(Spec("vae_encoder", "vae", ["sample"], ["latent_sample"],
                             {"sample": image, "latent_sample": latent}))
@@ -95,6 +124,8 @@ def _empty_module(spec: Spec, config: dict):
             from diffusers import UNet2DConditionModel as cls
         elif spec.weights == "vae":
             from diffusers import AutoencoderKL as cls
+        elif spec.name == "controlnet":
+            from diffusers import ControlNetModel as cls
         else:
             import transformers
 
@@ -115,10 +146,24 @@ def _forward(spec: Spec, module):
     """The function the exporter traces: the pipeline's inputs in, a tuple of tensors out."""
     torch = _torch()
     call = module.forward  # the module's own forward, before the traced one replaces it on the instance
-    if spec.name == "unet":
-        def forward(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
-            added = {"text_embeds": text_embeds, "time_ids": time_ids} if text_embeds is not None else None
-            return call(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+    xl = "text_embeds" in spec.inputs
+
+    def added(rest):
+        return {"text_embeds": rest[0], "time_ids": rest[1]} if xl else None
+
+    if spec.name in ("unet", "cnet"):
+        def forward(sample, timestep, encoder_hidden_states, *rest):
+            more = {}
+            if spec.name == "cnet":
+                res = rest[2:] if xl else rest
+                more = {"down_block_additional_residuals": tuple(res[:-1]), "mid_block_additional_residual": res[-1]}
+            return call(sample, timestep, encoder_hidden_states, added_cond_kwargs=added(rest), return_dict=False,
+                        **more)[0]
+    elif spec.name == "controlnet":
+        def forward(sample, timestep, encoder_hidden_states, controlnet_cond, *rest):
+            down, mid = call(sample, timestep, encoder_hidden_states, controlnet_cond, added_cond_kwargs=added(rest),
+                             return_dict=False)
+            return (*down, mid)
     elif spec.name == "vae_encoder":
         def forward(sample):  # the posterior's mean (deterministic)
             moments = module.quant_conv(module.encoder(sample))
@@ -139,13 +184,19 @@ def _forward(spec: Spec, module):
 
 def _examples(spec: Spec, config: dict):
     torch = _torch()
-    if spec.name == "unet":
-        c = config["in_channels"]
-        examples = [torch.randn(2, c, 16, 16), torch.tensor([10.0]), torch.randn(2, 77, config["cross_attention_dim"])]
+    if spec.name in ("unet", "cnet", "controlnet"):
+        side = 16
+        examples = [torch.randn(2, config["in_channels"], side, side), torch.tensor([10.0]),
+                    torch.randn(2, 77, config["cross_attention_dim"])]
+        xl = []
         if "text_embeds" in spec.inputs:
             pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-            examples += [torch.randn(2, pooled), torch.randn(2, 6)]
-        return tuple(examples)
+            xl = [torch.randn(2, pooled), torch.randn(2, 6)]
+        if spec.name == "controlnet":
+            return tuple(examples + [torch.randn(2, config.get("conditioning_channels", 3), side * 8, side * 8)] + xl)
+        res = [torch.randn(2, ch, side // scale, side // scale) for ch, scale in residuals(config)] \
+            if spec.name == "cnet" else []
+        return tuple(examples + xl + res)
     if spec.name == "vae_encoder":
         return (torch.randn(1, config["in_channels"], 64, 64),)
     if spec.name == "vae_decoder":
@@ -231,7 +282,7 @@ def _version() -> str:
 
 def name_map(spec: Spec, params: dict[str, str], dtypes: dict[str, str]) -> bytes:
     """``sdport-names.json``: each initializer ↔ the diffusers parameter it holds (``params``), never transposed."""
-    tensors = {n: {"param": p, "component": spec.weights, "transpose": False, "dtype": dtypes[n]}
+    tensors = {n: {"param": p, "component": spec.weights or spec.name, "transpose": False, "dtype": dtypes[n]}
                for n, p in params.items()}
     doc = {"format": "sdport-onnx-names", "version": 1, "component": spec.name, "tensors": tensors}
     return (json.dumps(doc, indent=1) + "\n").encode()

@@ -36,7 +36,7 @@ def _component_tensors(plan: Plan) -> dict[str, dict[str, OutputTensor]]:
 def _configs(plan: Plan, components: list[str]) -> dict[str, dict]:
     configs = {}
     for c in components:
-        raw = plan.extra.get(f"{c}/config.json")
+        raw = plan.extra.get(f"{c}/config.json" if c else "config.json")
         if raw is None:
             raise SdportError(None, f"the model has no {c}/config.json", "convert it to a diffusers folder first")
         try:
@@ -47,22 +47,26 @@ def _configs(plan: Plan, components: list[str]) -> dict[str, dict]:
 
 
 def onnx_plan(plan: Plan, family: str, *, layout: str = "diffusers", dtype: str = "F32", vae_dtype: str | None = None,
-              opset: int = OPSET, components: tuple[str, ...] | None = None, progress=None) -> Plan:
+              opset: int = OPSET, components: tuple[str, ...] | None = None, controlnet: bool = False,
+              progress=None) -> Plan:
     """The ONNX export of a diffusers-layout ``plan`` (validated against its source by the caller)."""
     if layout not in LAYOUTS:
         raise SdportError(None, f"unknown --layout {layout!r}", "use diffusers or optimum")
     tensors = _component_tensors(plan)
-    weights = [c for c in ("text_encoder", "text_encoder_2", "unet", "vae") if c in tensors]
-    if "unet" not in weights and "vae" not in weights:
-        raise SdportError(None, "no UNet or VAE to export", "export a Stable Diffusion pipeline")
+    weights = [c for c in ("text_encoder", "text_encoder_2", "unet", "vae", "") if c in tensors]
     configs = _configs(plan, weights)
-    chosen = specs(weights, configs)
+    if "" in configs and configs[""].get("_class_name") != "ControlNetModel":
+        raise SdportError(None, f"ONNX export of a lone {configs[''].get('_class_name', 'model')}",
+                          "export a whole pipeline or a ControlNet")
+    if controlnet and "unet" not in weights:
+        raise SdportError(None, "--controlnet needs the pipeline's UNet", "export a whole pipeline")
+    chosen = specs(weights, configs, controlnet=controlnet)
     if components:
         unknown = set(components) - {s.name for s in chosen}
         if unknown:
             raise SdportError(None, f"--components: {', '.join(sorted(unknown))} not in this model",
                               "choose from " + ", ".join(s.name for s in chosen))
-        chosen = [s for s in chosen if s.name in components]
+        chosen = [s for s in chosen if s.name in components or s.name == "cnet" and "unet" in components]
     out = Plan(files=[], dropped=dict(plan.dropped))
     used: set[str] = set()
     for spec in chosen:
@@ -94,7 +98,10 @@ def onnx_plan(plan: Plan, family: str, *, layout: str = "diffusers", dtype: str 
         for name, t in named.items():
             if f"{component}/{name}" not in used:
                 out.dropped.update({i: f"{component} weight the ONNX graphs do not use" for i in t.reads})
-    out.extra.update(layout_files(plan, family, layout, [s.name for s in chosen], configs))
+    if "" in configs:  # a lone ControlNet: its graph and config, no pipeline around it
+        out.extra["controlnet/config.json"] = _json(configs[""])
+    else:
+        out.extra.update(layout_files(plan, family, layout, [s.name for s in chosen], configs))
     return out
 
 
@@ -116,7 +123,7 @@ def layout_files(plan: Plan, family: str, layout: str, components: list[str], co
         doc = {"_class_name": ORT_CLASS.get(family, "ORTStableDiffusionPipeline"), "_diffusers_version": "0.39.0",
                "scheduler": scheduler, **tokenizers, **{c: ["diffusers", "OnnxRuntimeModel"] for c in components}}
     for c in components:  # optimum reads them; sdport reads them to convert the export back
-        files[f"{c}/config.json"] = _json(configs["vae" if c.startswith("vae") else c])
+        files[f"{c}/config.json"] = _json(configs["vae" if c.startswith("vae") else "unet" if c == "cnet" else c])
     files["model_index.json"] = _json(doc)
     return files
 

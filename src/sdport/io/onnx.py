@@ -369,7 +369,7 @@ def folder_graphs(path: str) -> dict[str, tuple[str, dict[str, str]]]:
     import json
 
     out = {}
-    for comp in sorted(os.listdir(path)):
+    for comp in sorted(os.listdir(path), key=lambda c: (c == "cnet", c)):  # cnet repeats the UNet's weights: last
         model = os.path.join(path, comp, "model.onnx")
         if not os.path.isfile(model):
             continue
@@ -380,7 +380,8 @@ def folder_graphs(path: str) -> dict[str, tuple[str, dict[str, str]]]:
                     for k, v in json.load(f)["tensors"].items():
                         if v.get("transpose"):
                             raise FormatError(mapped, f"'{k}' is stored transposed", "sdport cannot read it back")
-                        names[k] = f"{v['component']}.{v['param']}"
+                        # a lone ControlNet's weights are its own; a pipeline's under their component
+                        names[k] = v["param"] if v["component"] == "controlnet" else f"{v['component']}.{v['param']}"
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise FormatError(mapped, "invalid name map", "re-export the model with sdport") from exc
         out[comp] = (model, names)
@@ -394,6 +395,8 @@ def open_onnx_folder(path: str) -> TensorSource:
         for name, info in open_onnx(model).tensors.items():
             full = names.get(name, f"{comp}.{name}")
             if full in source.tensors:
+                if comp == "cnet":  # onnx-web's ControlNet UNet holds the UNet's weights again
+                    continue
                 raise FormatError(model, f"'{full}' is in two graphs", "the name maps are wrong")
             source.tensors[full] = TensorInfo(**{**info.__dict__, "name": full})
     if not source.tensors:
