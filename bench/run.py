@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Time sdport against cp+sync (and the torch/safetensors route users would otherwise take), interleaved.
 
-    python bench/run.py DATA_DIR [--suite repackage|layouts] [--reps 3] [--only NAME] [--tools DIR]
+    python bench/run.py DATA_DIR [--suite repackage|layouts|lora|mindone|onnx] [--reps 3] [--only NAME] [--tools DIR]
 
 Suites: ``repackage`` (issue 3: .ckpt ⇄ safetensors, fp32 → fp16 on a full-size SD1.5 file, built by
 make_fixtures.py) and ``layouts`` (issue 4: single file ⇄ diffusers for full-size SD1.5 with EMA and
@@ -114,6 +114,39 @@ def mindone(data: str, out: str, tools: str) -> list[tuple[str, str, list[str], 
     ]
 
 
+def onnx(data: str, out: str, tools: str) -> list[tuple[str, str, list[str], str]]:
+    """Full-size SD1.5 diffusers folder → ONNX (fp32, fp16) beside the diffusers repository's script and Optimum.
+
+    The floor of the fp32 export is cp of an fp32 export's bytes (``sd15-onnx``, made once with
+    ``sdport convert sd15-diffusers sd15-onnx --to onnx``); of the fp16 one, cp of the fp16 input folder
+    (the same size). ``--tools`` holds ``convert_stable_diffusion_checkpoint_to_onnx.py``; ``OPTIMUM_CLI``
+    names optimum-cli in its own venv (optimum-onnx pins transformers < 4.58).
+    """
+    d, ref = os.path.join(data, "sd15-diffusers"), os.path.join(data, "sd15-onnx")
+    o = lambda name: os.path.join(out, name)  # noqa: E731
+    optimum = os.environ.get("OPTIMUM_CLI", "optimum-cli")
+    script = [PY, os.path.join(os.path.dirname(os.path.abspath(__file__)), "legacy_onnx_export.py"),
+              os.path.join(tools, "convert_stable_diffusion_checkpoint_to_onnx.py")]
+    return [
+        ("sd15 cp+sync fp32 export", "", _cp(ref, o("cp")), o("cp")),
+        ("sd15 sdport -> onnx fp32", "sd15 cp+sync fp32 export", SDPORT + ["convert", d, o("s"), "--to", "onnx", "-q"],
+         o("s")),
+        ("sd15 diffusers script -> onnx fp32", "sd15 cp+sync fp32 export",
+         script + ["--model_path", d, "--output_path", o("ds"), "--opset", "17"], o("ds")),
+        ("sd15 optimum-cli -> onnx fp32", "sd15 cp+sync fp32 export",
+         ["env", "HF_HUB_OFFLINE=1", optimum, "export", "onnx", "--model", d, "--task", "text-to-image", o("op")],
+         o("op")),
+        ("sd15 cp+sync folder", "", _cp(d, o("cpd")), o("cpd")),
+        ("sd15 sdport -> onnx fp16", "sd15 cp+sync folder",
+         SDPORT + ["convert", d, o("h"), "--to", "onnx", "--dtype", "fp16", "-q"], o("h")),
+        ("sd15 diffusers script -> onnx fp16", "sd15 cp+sync folder",
+         script + ["--model_path", d, "--output_path", o("dh"), "--opset", "17", "--fp16"], o("dh")),
+        ("sd15 optimum-cli -> onnx fp16", "sd15 cp+sync folder",
+         ["env", "HF_HUB_OFFLINE=1", optimum, "export", "onnx", "--model", d, "--task", "text-to-image",
+          "--dtype", "fp16", o("oh")], o("oh")),
+    ]
+
+
 def repackage(data: str, out: str, tools: str) -> list[tuple[str, str, list[str], str]]:
     """(name, floor name, command, output path): each op is compared with the cp of its input."""
     st, ck = os.path.join(data, "sd15-fp32.safetensors"), os.path.join(data, "sd15-fp32.ckpt")
@@ -140,6 +173,7 @@ def repackage(data: str, out: str, tools: str) -> list[tuple[str, str, list[str]
 SUITES = {"repackage": (repackage, ("sd15-fp32.safetensors", "sd15-fp32.ckpt")),
           "layouts": (layouts, ("sd15-ema.safetensors", "sdxl.safetensors", "sd15-diffusers", "sdxl-diffusers")),
           "mindone": (mindone, ("sdxl.safetensors", "sdxl-mindone.ckpt")),
+          "onnx": (onnx, ("sd15-diffusers", "sd15-onnx")),
           "lora": (lora, ("sd15.safetensors", "sdxl.safetensors", "sd15-diffusers", "sdxl-diffusers",
                           "lora-sd15-r32.safetensors", "lora-sdxl-r32.safetensors", "lora-sd15-r32-b.safetensors",
                           "lora-sdxl-r32-b.safetensors"))}

@@ -28,7 +28,8 @@ import models  # noqa: E402
 from test_lora import kohya_file, make_lora  # noqa: E402
 
 warnings.filterwarnings("ignore")
-PIPES = {"sd1": "StableDiffusionPipeline", "sdxl-base": "StableDiffusionXLPipeline"}
+PIPES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline", "sdxl-base": "StableDiffusionXLPipeline",
+         "sdxl-refiner": "StableDiffusionXLImg2ImgPipeline"}
 
 
 def session(folder, component: str):
@@ -39,7 +40,7 @@ def session(folder, component: str):
 def setup(request, tmp_path_factory) -> dict:
     name = request.param
     root = tmp_path_factory.mktemp("onnx-" + name)
-    ref = models.save_pipeline(name, str(root / "ref"))
+    ref = models.save_pipeline(name, str(root / "ref"), prediction_type="v_prediction" if name == "sd2" else "epsilon")
     single = str(root / "model.safetensors")
     assert run_cli("convert", ref, single).code == 0
     out = str(root / "onnx")
@@ -53,10 +54,11 @@ def _unet_inputs(pipe, rng, dtype=np.float32) -> dict[str, np.ndarray]:
     cfg = pipe.unet.config
     feed = {"sample": rng.standard_normal((2, cfg.in_channels, 16, 24)), "timestep": np.array([611.0]),
             "encoder_hidden_states": rng.standard_normal((2, 77, cfg.cross_attention_dim))}
-    if cfg.addition_embed_type == "text_time":
-        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    if cfg.addition_embed_type == "text_time":  # a base's 6 time ids (sizes, crop), a refiner's 5 (aesthetic score)
+        pooled = pipe.text_encoder_2.config.projection_dim
+        ids = (cfg.projection_class_embeddings_input_dim - pooled) // cfg.addition_time_embed_dim
         feed["text_embeds"] = rng.standard_normal((2, pooled))
-        feed["time_ids"] = np.tile(np.array([[64.0, 64, 0, 0, 64, 64]]), (2, 1))
+        feed["time_ids"] = np.tile(np.array([[64.0, 64, 0, 0, 64, 64][:ids - 1] + [6.0]]), (2, 1))
     return {k: v.astype(dtype) for k, v in feed.items()}
 
 
@@ -102,14 +104,15 @@ def _compare_components(pipe, folder, rng, tol: float, dtype=np.float32) -> dict
 
 def test_every_graph_computes_what_the_torch_module_computes(setup) -> None:
     errors = _compare_components(setup["pipe"], setup["onnx"], np.random.default_rng(0), 1e-4)
-    want = {"text_encoder", "unet", "vae_encoder", "vae_decoder"}
+    want = {"unet", "vae_encoder", "vae_decoder"} | ({"text_encoder"} if setup["name"] != "sdxl-refiner" else set())
     want |= {"text_encoder_2"} if "xl" in setup["name"] else set()
     assert set(errors) == want
     assert max(errors.values()) < 1e-4, errors
 
 
 def test_graphs_take_what_the_pipelines_pass(setup) -> None:
-    unet, te = session(setup["onnx"], "unet"), session(setup["onnx"], "text_encoder")
+    te_name = "text_encoder_2" if setup["name"] == "sdxl-refiner" else "text_encoder"
+    unet, te = session(setup["onnx"], "unet"), session(setup["onnx"], te_name)
     assert [(i.name, i.type) for i in te.get_inputs()] == [("input_ids", "tensor(int32)")]
     inputs = {i.name: (i.type, i.shape) for i in unet.get_inputs()}
     assert inputs["timestep"][0] == "tensor(float)"
@@ -118,6 +121,8 @@ def test_graphs_take_what_the_pipelines_pass(setup) -> None:
     one = unet.run(None, {**feed, "timestep": np.array([611.0], np.float32)})[0]  # (1,) beside a batch of 2
     two = unet.run(None, {**feed, "timestep": np.array([611.0, 611.0], np.float32)})[0]
     assert one.shape == feed["sample"].shape and np.array_equal(one, two)
+    scheduler = json.loads((setup["root"] / "onnx" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == setup["pipe"].scheduler.config.prediction_type  # v_prediction for sd2
     names = json.loads((setup["root"] / "onnx" / "unet" / "sdport-names.json").read_text())["tensors"]
     assert set(names) == set(setup["pipe"].unet.state_dict())  # every weight, under its diffusers name
 
@@ -142,7 +147,7 @@ def test_fp16_export_is_half_the_size_and_close(setup, tmp_path) -> None:
 
 
 def test_diffusers_onnx_pipeline_gives_the_torch_image(setup) -> None:
-    if setup["name"] != "sd1":
+    if "xl" in setup["name"]:
         pytest.skip("diffusers has no SDXL ONNX pipeline (the optimum layout serves SDXL)")
     onnx_pipe = diffusers.OnnxStableDiffusionPipeline.from_pretrained(setup["onnx"], provider="CPUExecutionProvider")
     latents = np.random.default_rng(3).standard_normal((1, 4, 8, 8)).astype(np.float32)
@@ -170,7 +175,9 @@ def test_back_from_onnx_is_bit_exact(setup, tmp_path) -> None:
     r = run_cli("convert", setup["onnx"], folder, "--to", "diffusers")
     assert r.code == 0, r.err
     pipe = type(setup["pipe"]).from_pretrained(folder)
-    for comp in ("unet", "vae", "text_encoder"):
+    for comp in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if getattr(setup["pipe"], comp, None) is None:
+            continue
         mine, ref = getattr(pipe, comp).state_dict(), getattr(setup["pipe"], comp).state_dict()
         assert all(torch.equal(mine[k], ref[k]) for k in ref), comp
 
@@ -197,6 +204,8 @@ def test_weights_past_the_limit_go_to_an_external_file(setup, tmp_path, monkeypa
 
 
 def test_lora_blended_into_an_export_equals_exporting_the_merged_model(setup, tmp_path) -> None:
+    if setup["name"] in ("sd2", "sdxl-refiner"):
+        pytest.skip("SD1 and SDXL base cover both text-encoder kinds")
     pipe = setup["pipe"]
     lora = kohya_file(make_lora(pipe), str(tmp_path / "lora.safetensors"),
                       te_prefix="lora_te1" if "xl" in setup["name"] else "lora_te")
@@ -220,6 +229,39 @@ def test_lora_blended_into_an_export_equals_exporting_the_merged_model(setup, tm
     feed = _unet_inputs(pipe, np.random.default_rng(5))
     got = session(blended, "unet").run(None, feed)[0]
     assert np.abs(got - _torch_unet(pipe, feed)).max() < 1e-4
+
+
+def test_lora_blends_into_a_foreign_export_through_its_node_names(setup, tmp_path) -> None:
+    """A UNet exported as diffusers' script and onnx-web do (torch's exporter, constant folding): linear weights
+    are stored transposed under made-up names; sdport finds them by their MatMul node and blends exactly."""
+    if setup["name"] != "sd1":
+        pytest.skip("one family is enough")
+    pipe = setup["pipe"]
+    folder = tmp_path / "foreign"
+    (folder / "unet").mkdir(parents=True)
+    feed = _unet_inputs(pipe, np.random.default_rng(7))
+    args = tuple(torch.tensor(feed[k]) for k in ("sample", "timestep", "encoder_hidden_states"))
+    with torch.no_grad():
+        torch.onnx.export(pipe.unet, args, str(folder / "unet" / "model.onnx"), dynamo=False, opset_version=17,
+                          do_constant_folding=True, input_names=["sample", "timestep", "encoder_hidden_states"],
+                          output_names=["out_sample"],
+                          dynamic_axes={"sample": {0: "b", 2: "h", 3: "w"}, "encoder_hidden_states": {0: "b"}})
+    stored = sdonnx.open_onnx(str(folder / "unet" / "model.onnx")).tensors
+    assert sum(k.startswith("onnx::MatMul") for k in stored) > 20  # the transposed weights this is about
+    lora = kohya_file(make_lora(pipe), str(tmp_path / "lora.safetensors"))
+    out = str(tmp_path / "blended")
+    r = run_cli("convert", str(folder), out, "--lora", f"{lora}:0.7", "--allow-unmatched", "--report")
+    assert r.code == 0, r.err
+    unmatched = [line for line in r.out.splitlines() if line.startswith("  unmatched")]
+    assert unmatched and all("te_" in line or "text" in line for line in unmatched)  # only the text encoder's
+    fused = type(pipe).from_pretrained(setup["ref"])
+    fused.load_lora_weights(lora)
+    fused.fuse_lora(lora_scale=0.7, components=["unet"])
+    got = session(out, "unet").run(None, feed)[0]
+    assert np.abs(got - _torch_unet(fused, feed)).max() < 1e-4
+    assert np.abs(got - session(str(folder), "unet").run(None, feed)[0]).max() > 1e-3  # it did change
+    r = run_cli("convert", str(folder), str(tmp_path / "back.safetensors"))
+    assert r.code == 2 and "not exported by sdport" in r.err
 
 
 def test_blending_says_what_it_could_not_place(setup, tmp_path) -> None:
@@ -282,10 +324,15 @@ def test_optimum_layout_has_every_config(setup, tmp_path) -> None:
     assert run_cli("convert", setup["ref"], out, "--to", "onnx", "--layout", "optimum").code == 0
     index = json.loads(open(os.path.join(out, "model_index.json")).read())
     assert index["_class_name"].startswith("ORTStableDiffusion")
-    for comp in ("text_encoder", "unet", "vae_encoder", "vae_decoder"):
+    comps = ["unet", "vae_encoder", "vae_decoder"] + [c for c in ("text_encoder", "text_encoder_2")
+                                                     if getattr(setup["pipe"], c, None) is not None]
+    for comp in comps:
         assert index[comp] and os.path.isfile(os.path.join(out, comp, "config.json"))
     assert os.path.isfile(os.path.join(out, "scheduler", "scheduler_config.json"))
-    assert os.path.isfile(os.path.join(out, "tokenizer", "tokenizer_config.json"))
+    for comp in comps:
+        if comp.startswith("text_encoder"):
+            tokenizer = comp.replace("text_encoder", "tokenizer")
+            assert index[tokenizer] and os.path.isfile(os.path.join(out, tokenizer, "vocab.json"))
 
 
 def test_bad_requests_exit_2_with_one_line_and_nothing_written(setup, tmp_path) -> None:

@@ -20,6 +20,7 @@ from .export.onnx_back import onnx_rewrite, onnx_to_diffusers
 from .families import FAMILIES, PIPELINES, UNET
 from .io import open_tensors
 from .io.base import TensorSource
+from .io.onnx_folder import require_name_maps
 from .layouts import LayoutRequest, ema_name, folder_plan, to_diffusers, to_single_file
 from .lora import AdapterReport, merge_adapters
 from .partial import into_base
@@ -130,6 +131,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
         if layout == "onnx" and not from_onnx:  # the model as a diffusers folder; ONNX components and dtype after
             onnx_request = replace(request, dtype=request.dtype or "F32")
             request.dtype, request.components = None, None
+        if from_onnx and layout != "onnx":
+            require_name_maps(src)
+        if (layout != "onnx" or from_onnx) and (onnx_layout != "diffusers" or vae_dtype or opset or controlnet):
+            raise SdportError(src, "--layout, --vae-dtype, --opset and --controlnet shape an ONNX export",
+                              "add --to onnx (an existing export is re-written as it is)")
         if layout == "onnx" and from_onnx:
             if components or dtype != "keep":
                 raise SdportError(src, "an ONNX export is re-written as it is (LoRAs merged)",

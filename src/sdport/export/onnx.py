@@ -34,6 +34,7 @@ class Spec:
     inputs: list[str]
     outputs: list[str]
     dynamic: dict[str, dict[int, str]] = field(default_factory=dict)
+    pooled: int = 0  # SDXL UNets: the width of text_embeds (the rest of the added embedding is time_ids)
 
 
 @dataclass
@@ -82,6 +83,7 @@ def specs(components: list[str], config: dict[str, dict], *, controlnet: bool = 
     """
     out = []
     xl = "text_encoder_2" in config or config.get("unet", {}).get("addition_embed_type") == "text_time"
+    pooled = config.get("text_encoder_2", {}).get("projection_dim", 0)
     image = {0: "batch_size", 2: "height", 3: "width"}
     for c in components:
         cfg = config[c]
@@ -96,16 +98,16 @@ def specs(components: list[str], config: dict[str, dict], *, controlnet: bool = 
             out.append(Spec(c, c, ["input_ids"], outs + hidden, {"input_ids": {0: "batch_size", 1: "sequence_length"}}))
         elif c == "unet":
             axes = {k: v for k, v in unet_axes.items() if k in unet_inputs}
-            out.append(Spec("unet", "unet", unet_inputs, ["out_sample"], {**axes, "out_sample": image}))
+            out.append(Spec("unet", "unet", unet_inputs, ["out_sample"], {**axes, "out_sample": image}, pooled))
             if controlnet:
                 names = _residual_names(cfg)
                 out.append(Spec("cnet", "unet", unet_inputs + names, ["out_sample"],
-                                {**axes, **_residual_axes(cfg), "out_sample": image}))
+                                {**axes, **_residual_axes(cfg), "out_sample": image}, pooled))
         elif c == "" and cfg.get("_class_name") == "ControlNetModel":
             cond = {0: "batch_size", 2: "image_height", 3: "image_width"}
             axes = {k: v for k, v in unet_axes.items() if k in unet_inputs}
             out.append(Spec("controlnet", "", unet_inputs[:3] + ["controlnet_cond"] + extra, _residual_names(cfg),
-                            {**axes, "controlnet_cond": cond, **_residual_axes(cfg)}))
+                            {**axes, "controlnet_cond": cond, **_residual_axes(cfg)}, pooled))
         elif c == "vae":
             latent = {0: "batch_size", 2: "height_latent", 3: "width_latent"}
             out.append(Spec("vae_encoder", "vae", ["sample"], ["latent_sample"],
@@ -189,9 +191,10 @@ def _examples(spec: Spec, config: dict):
         examples = [torch.randn(2, config["in_channels"], side, side), torch.tensor([10.0]),
                     torch.randn(2, 77, config["cross_attention_dim"])]
         xl = []
-        if "text_embeds" in spec.inputs:
-            pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-            xl = [torch.randn(2, pooled), torch.randn(2, 6)]
+        if "text_embeds" in spec.inputs:  # time_ids: 6 for a base (sizes, crop), 5 for a refiner (aesthetic score)
+            width, per_id = config["projection_class_embeddings_input_dim"], config["addition_time_embed_dim"]
+            pooled = spec.pooled or width - 6 * per_id
+            xl = [torch.randn(2, pooled), torch.randn(2, (width - pooled) // per_id)]
         if spec.name == "controlnet":
             return tuple(examples + [torch.randn(2, config.get("conditioning_channels", 3), side * 8, side * 8)] + xl)
         res = [torch.randn(2, ch, side // scale, side // scale) for ch, scale in residuals(config)] \
@@ -281,7 +284,7 @@ def _version() -> str:
 
 
 def name_map(spec: Spec, params: dict[str, str], dtypes: dict[str, str]) -> bytes:
-    """``sdport-names.json``: each initializer ↔ the diffusers parameter it holds (``params``), never transposed."""
+    """The name map (``sdport-names.json``): initializer ↔ the diffusers parameter it holds, never transposed."""
     tensors = {n: {"param": p, "component": spec.weights or spec.name, "transpose": False, "dtype": dtypes[n]}
                for n, p in params.items()}
     doc = {"format": "sdport-onnx-names", "version": 1, "component": spec.name, "tensors": tensors}

@@ -14,7 +14,8 @@ from ..errors import SdportError
 from ..families import FAMILIES
 from ..families.configs import model_index
 from ..io.base import TensorSource
-from ..io.onnx import DATA_FILE_NAMES, folder_graphs, needs_external, open_onnx, split_model
+from ..io.onnx import DATA_FILE_NAMES, needs_external, open_onnx, split_model
+from ..io.onnx_folder import folder_graphs
 from ..layouts import WEIGHTS, small_files
 from ..plan import OutputFile, Plan, derive
 
@@ -47,10 +48,12 @@ def onnx_to_diffusers(source: TensorSource, family: str, dtype: str | None) -> P
 def onnx_rewrite(source: TensorSource) -> Plan:
     """The same ONNX folder, each graph unchanged, its initializers (perhaps patched later) streamed anew."""
     plan = Plan(files=[], extra=small_files(source.path))
-    for comp, (model, names) in folder_graphs(source.path).items():
-        head, graph = split_model(model)
-        tensors = [derive(initializer, None, source, (names.get(initializer, f"{comp}.{initializer}"),))
-                   for initializer in _initializers(model)]
+    for comp, g in folder_graphs(source.path).items():
+        head, graph = split_model(g.model)
+        # a weight read as a transposed view is written back as it was stored
+        tensors = [derive(initializer, None, source, (g.names.get(initializer, f"{comp}.{initializer}"),),
+                          "transpose" if initializer in g.transposed else "identity")
+                   for initializer in _initializers(g.model)]
         external = None
         if needs_external(sum(t.slot().nbytes for t in tensors), head, graph):
             data = {os.path.basename(source.tensors[t.inputs[0]].file) for t in tensors} - {"model.onnx"}

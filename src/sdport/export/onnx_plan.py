@@ -15,6 +15,7 @@ from ..dtypes import BY_CODE
 from ..errors import SdportError
 from ..families.clip import hub_name
 from ..io.onnx import DATA_FILE_NAMES, needs_external
+from ..io.onnx_folder import NAME_MAP
 from ..plan import OutputFile, OutputTensor, Plan
 from .onnx import OPSET, Spec, name_map, specs, trace
 
@@ -93,7 +94,7 @@ def onnx_plan(plan: Plan, family: str, *, layout: str = "diffusers", dtype: str 
         external = DATA_FILE[layout] if big else None
         out.files.append(OutputFile(f"{spec.name}/model.onnx", "onnx", typed,
                                     onnx=(traced.model, traced.graph, external)))
-        out.extra[f"{spec.name}/sdport-names.json"] = name_map(spec, params, {t.name: t.dtype for t in typed})
+        out.extra[f"{spec.name}/{NAME_MAP}"] = name_map(spec, params, {t.name: t.dtype for t in typed})
     for component, named in tensors.items():
         for name, t in named.items():
             if f"{component}/{name}" not in used:

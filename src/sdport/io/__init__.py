@@ -66,7 +66,7 @@ def open_tensors(path: str | os.PathLike, *, variant: str | None = None) -> Tens
     path = os.fspath(path)
     if os.path.isdir(path):
         from .diffusers import open_diffusers
-        from .onnx import open_onnx_folder
+        from .onnx_folder import open_onnx_folder
 
         if any(os.path.isfile(os.path.join(path, d, "model.onnx")) for d in os.listdir(path)):
             return open_onnx_folder(path)
