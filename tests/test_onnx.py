@@ -146,6 +146,34 @@ def test_fp16_export_is_half_the_size_and_close(setup, tmp_path) -> None:
     assert got.dtype == np.float32 and rel < 1e-2, rel  # measured ≈ 2e-3 (fp16 weights and activations)
 
 
+def test_fp16_keeps_the_time_embeddings_in_fp32(setup, tmp_path) -> None:
+    """Late timesteps and SDXL's real-size time ids: in fp16 their sinusoids would be off by a quarter radian."""
+    out = str(tmp_path / "fp16")
+    sdport.convert(setup["ref"], out, to="onnx", dtype="fp16", components="unet")
+    feed = _unet_inputs(setup["pipe"], np.random.default_rng(8))
+    feed["timestep"] = np.array([999.0], np.float32)
+    if "time_ids" in feed:
+        feed["time_ids"] = np.tile(np.array([[1024.0, 1024, 0, 0, 1024, 1024][:feed["time_ids"].shape[1]]]), (2, 1))
+    want = _torch_unet(setup["pipe"], feed)
+    got = session(out, "unet").run(None, {k: v.astype(np.float16) for k, v in feed.items()})[0].astype(np.float32)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-2
+
+
+def test_an_fp16_vae_in_an_fp32_export_takes_fp32(setup, tmp_path) -> None:
+    if setup["name"] != "sd1":
+        pytest.skip("one family is enough")
+    out = str(tmp_path / "vae16")
+    sdport.convert(setup["ref"], out, to="onnx", vae_dtype="fp16", components="vae_decoder")
+    sess = session(out, "vae_decoder")
+    assert sess.get_inputs()[0].type == sess.get_outputs()[0].type == "tensor(float)"
+    weights = sdonnx.open_onnx(os.path.join(out, "vae_decoder", "model.onnx")).tensors.values()
+    assert {t.dtype for t in weights} == {"F16"}
+    latent = np.random.default_rng(9).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        want = setup["pipe"].vae.decode(torch.tensor(latent)).sample.numpy()
+    assert np.abs(sess.run(None, {"latent_sample": latent})[0] - want).max() < 0.05
+
+
 def test_diffusers_onnx_pipeline_gives_the_torch_image(setup) -> None:
     if "xl" in setup["name"]:
         pytest.skip("diffusers has no SDXL ONNX pipeline (the optimum layout serves SDXL)")
@@ -335,18 +363,56 @@ def test_optimum_layout_has_every_config(setup, tmp_path) -> None:
             assert index[tokenizer] and os.path.isfile(os.path.join(out, tokenizer, "vocab.json"))
 
 
+def test_a_lone_controlnet_export_converts_back(setup, tmp_path) -> None:
+    if setup["name"] != "sd1":
+        pytest.skip("the tiny ControlNet has SD1's structure")
+    cn = models.controlnet()
+    cn.save_pretrained(str(tmp_path / "cn"))
+    assert run_cli("convert", str(tmp_path / "cn"), str(tmp_path / "cn-onnx"), "--to", "onnx").code == 0
+    r = run_cli("convert", str(tmp_path / "cn-onnx"), str(tmp_path / "back"), "--to", "diffusers")
+    assert r.code == 0, r.err
+    back = diffusers.ControlNetModel.from_pretrained(str(tmp_path / "back")).state_dict()
+    assert set(back) == set(cn.state_dict()) and all(torch.equal(back[k], v) for k, v in cn.state_dict().items())
+
+
+def test_constants_in_external_data_are_refused_for_blending(setup, tmp_path) -> None:
+    if setup["name"] != "sd1":
+        pytest.skip("one family is enough")
+    from onnx import TensorProto, helper, numpy_helper
+
+    folder = tmp_path / "ext-const"
+    (folder / "unet").mkdir(parents=True)
+    const = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.ones(4096, np.float32)))
+    nodes = [const, helper.make_node("Add", ["x", "c"], ["xc"]), helper.make_node("Add", ["xc", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4096])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4096])],
+                              [numpy_helper.from_array(np.zeros(4096, np.float32), "w")])
+    onnx.save(helper.make_model(graph), str(folder / "unet" / "model.onnx"), save_as_external_data=True,
+              location="model.onnx_data", size_threshold=0, convert_attribute=True)
+    lora = kohya_file(make_lora(setup["pipe"]), str(tmp_path / "lora.safetensors"))
+    r = run_cli("convert", str(folder), str(tmp_path / "out"), "--lora", lora, "--allow-unmatched")
+    assert r.code == 2 and "graph constants are stored in external data" in r.err
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_bad_requests_exit_2_with_one_line_and_nothing_written(setup, tmp_path) -> None:
     vae = str(tmp_path / "vae.safetensors")
     assert run_cli("convert", os.path.join(setup["ref"], "vae"), vae).code == 0
-    for args, words in ((vae, "whole pipeline"),
-                        (setup["ref"], "--components"),
-                        (setup["onnx"], "re-written as it is")):
+    unet_graph = os.path.join(setup["onnx"], "unet", "model.onnx")
+    for args, words, extra in ((vae, "whole pipeline", ["--to", "onnx"]),
+                               (setup["ref"], "--components", ["--to", "onnx", "--components", "unet,nope"]),
+                               (setup["onnx"], "converts as it is", ["--to", "onnx", "--dtype", "fp16"]),
+                               (setup["onnx"], "converts as it is", ["--components", "unet"]),
+                               (setup["ref"], "shape an ONNX export", ["--to", "diffusers", "--vae-dtype", "fp32"]),
+                               (setup["onnx"], "shape an ONNX export", ["--opset", "18"]),
+                               (unet_graph, "a lone ONNX graph", [])):
         out = str(tmp_path / "out")
-        extra = {"--components": ["--components", "unet,nope"], "re-written as it is": ["--dtype", "fp16"]}
-        r = run_cli("convert", args, out, "--to", "onnx", *extra.get(words, []))
+        r = run_cli("convert", args, out, *extra)
         assert r.code == 2 and words in r.err, (args, r.err)
         assert len(r.err.strip().splitlines()) == 1
         assert not os.path.exists(out)
+    r = run_cli("convert", setup["ref"], str(tmp_path / "out"), "--to", "onnx", "--opset", "9")
+    assert r.code == 2 and not os.path.exists(tmp_path / "out")
 
 
 def _external_model(folder, location: str, *, offset: str = "0", length: str = "64", extra: dict | None = None) -> str:

@@ -58,7 +58,7 @@ def inspect_cmd(source: str, as_json: bool) -> None:
               type=click.Choice(["diffusers", "optimum"]),
               help="ONNX folder layout: diffusers (OnnxStableDiffusionPipeline, onnx-web) or optimum (ORT pipelines).")
 @click.option("--vae-dtype", type=click.Choice(["fp32", "fp16"]), help="ONNX: the VAE's dtype (fp16 can overflow).")
-@click.option("--opset", type=int, help="ONNX opset (default 17).")
+@click.option("--opset", type=click.IntRange(14, 20), help="ONNX opset (default 17).")
 @click.option("--controlnet", is_flag=True, help="ONNX: add cnet/, the UNet taking a ControlNet's residuals.")
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]),
               help="What the UNet predicts, where the file cannot tell (SD2-base 512: epsilon).")

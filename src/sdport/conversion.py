@@ -89,7 +89,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
     """Convert a model file or folder to another layout, format or dtype.
 
     Args:
-        src: a weights file (safetensors, ``.ckpt``/``.pt``/``.bin``) or a diffusers folder.
+        src: a weights file (safetensors, ``.ckpt``/``.pt``/``.bin``, MindSpore ``.ckpt``), a diffusers folder or
+            an ONNX export's folder.
         dst: the output path; its suffix chooses ``to`` and ``format`` when those are not given.
         to: ``single-file``, ``diffusers``, ``mindspore`` or ``onnx``.
         dtype: ``keep``, ``fp32``, ``fp16`` or ``bf16`` (float tensors only).
@@ -131,15 +132,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
         if layout == "onnx" and not from_onnx:  # the model as a diffusers folder; ONNX components and dtype after
             onnx_request = replace(request, dtype=request.dtype or "F32")
             request.dtype, request.components = None, None
-        if from_onnx and layout != "onnx":
-            require_name_maps(src)
         if (layout != "onnx" or from_onnx) and (onnx_layout != "diffusers" or vae_dtype or opset or controlnet):
             raise SdportError(src, "--layout, --vae-dtype, --opset and --controlnet shape an ONNX export",
                               "add --to onnx (an existing export is re-written as it is)")
+        if from_onnx:
+            _check_onnx_source(src, layout, components or ema or (dtype != "keep" and layout == "onnx"))
         if layout == "onnx" and from_onnx:
-            if components or dtype != "keep":
-                raise SdportError(src, "an ONNX export is re-written as it is (LoRAs merged)",
-                                  "export the original model again for other components or dtypes")
             plan = onnx_rewrite(source)
         elif from_onnx and layout == "diffusers":
             plan = onnx_to_diffusers(source, _family(source, found), request.dtype)
@@ -194,6 +192,17 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
                 merged.close()
         return ConvertResult(dst, sum(len(f.tensors) for f in plan.files), plan.nbytes, plan.dropped, plan.unknown,
                              family, request.prediction_type or "", reports)
+
+
+def _check_onnx_source(src: str, layout: str, options: bool) -> None:
+    """An ONNX source is an export's folder; it converts back only when sdport made it, and as it is."""
+    if not os.path.isdir(src):
+        raise SdportError(src, "a lone ONNX graph", "give the export's folder (model_index.json, unet/ …)")
+    if layout != "onnx":
+        require_name_maps(src)
+    if options:
+        raise SdportError(src, "an ONNX export converts as it is (LoRAs merged): no --components, --ema or --dtype",
+                          "export the original model again for other components or dtypes")
 
 
 def _onnx(plan: Plan, family: str, request: LayoutRequest, layout: str, vae_dtype: str | None, opset: int | None,

@@ -22,7 +22,11 @@ OPSET = 17
 #: ops an fp16 graph still computes in fp32 (casts around them): normalisations, whose sums of squares overflow
 #: fp16's 65504, softmax and the pieces of decomposed norms
 FP32_OPS = ["InstanceNormalization", "LayerNormalization", "GroupNormalization", "ReduceMean", "Pow", "Sqrt",
-            "Softmax", "Exp", "Erf"]
+            "Softmax", "Exp", "Erf", "Sin", "Cos"]
+#: modules an fp16 graph still runs in fp32 whole: the sinusoidal embeddings of the timestep and of SDXL's time ids
+#: (diffusers computes them in fp32 in fp16 models too; in fp16 a timestep of 999 is off by up to 0.25 rad)
+FP32_MODULES = ("/time_proj/", "/add_time_proj/")
+OPSETS = range(14, 21)  # scaled_dot_product_attention needs 14; torch's TorchScript exporter stops at 20
 
 
 @dataclass
@@ -45,14 +49,18 @@ class Traced:
     model: bytes
     graph: bytes
     params: list[tuple[str, str, tuple[int, ...]]]  # (name, dtype code, shape) in graph order
-    io_types: dict[str, int]
 
 
 def _torch():
-    try:
-        import torch
-    except ImportError as exc:
-        raise SdportError(None, "ONNX export needs torch", "pip install 'sdport[onnx]'") from exc
+    """torch, after checking that everything an export imports is installed."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "onnx", "onnxruntime", "diffusers", "transformers")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SdportError(None, f"ONNX export needs {', '.join(missing)}", "pip install 'sdport[onnx]'")
+    import torch
+
     return torch
 
 
@@ -210,9 +218,9 @@ def _examples(spec: Spec, config: dict):
 def trace(spec: Spec, config: dict, *, opset: int = OPSET, fp16: bool = False, fp16_io: bool = False) -> Traced:
     """Trace one component; its module is freed when this returns.
 
-    ``fp16``: the graph computes in fp16 (inputs, outputs and weights fp16, as the pipelines expect of an
-    fp16 export), except the ops of ``FP32_OPS``, which get casts to fp32 and back. ``fp16_io`` alone:
-    the graph computes in fp32 but takes and gives fp16 (an fp32 VAE in an fp16 pipeline).
+    ``fp16``: the graph computes in fp16 with fp16 weights, except the ops of ``FP32_OPS`` and the
+    modules of ``FP32_MODULES``, which get casts to fp32 and back. ``fp16_io``: its float inputs and
+    outputs are fp16 (what the pipelines pass in an fp16 export), whatever it computes in.
     """
     torch = _torch()
     import onnx
@@ -234,11 +242,15 @@ def trace(spec: Spec, config: dict, *, opset: int = OPSET, fp16: bool = False, f
     if fp16:
         from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
+        keep = [n.name for n in model.graph.node if n.name.startswith(FP32_MODULES)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = convert_float_to_float16(model, keep_io_types=False, op_block_list=DEFAULT_OP_BLOCK_LIST + FP32_OPS)
-    elif fp16_io:
-        _fp16_io(model.graph, spec)
+            model = convert_float_to_float16(model, keep_io_types=False, node_block_list=keep,
+                                             op_block_list=DEFAULT_OP_BLOCK_LIST + FP32_OPS)
+    # (the weights are graph inputs until below: keep_io_types would keep them fp32 too)
+    if fp16 != fp16_io:
+        half, full = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+        _retype_io(model.graph, spec, *((half, full) if fp16 else (full, half)))
     graph = model.graph
     params = []
     for value in list(graph.input):
@@ -249,32 +261,30 @@ def trace(spec: Spec, config: dict, *, opset: int = OPSET, fp16: bool = False, f
                               "report a bug (diffusers/transformers version)")
         params.append((value.name, ONNX_TYPES[value.type.tensor_type.elem_type], shapes[value.name]))
         graph.input.remove(value)
-    io_types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]}
     model.producer_name, model.producer_version = "sdport", _version()
     graph_bytes = graph.SerializeToString()
     model.ClearField("graph")
-    return Traced(spec, model.SerializeToString(), graph_bytes, params, io_types)
+    return Traced(spec, model.SerializeToString(), graph_bytes, params)
 
 
-def _fp16_io(graph, spec: Spec) -> None:
-    """Make the float inputs and outputs of an fp32 graph fp16, with a cast beside each."""
+def _retype_io(graph, spec: Spec, have: int, want: int) -> None:
+    """Declare the graph's float inputs and outputs of type ``have`` as ``want``, with a cast beside each."""
     import onnx
 
-    float_type, half = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
     for value in graph.input:
-        if value.name in spec.inputs and value.type.tensor_type.elem_type == float_type:
-            inner = value.name + "_fp32"
+        if value.name in spec.inputs and value.type.tensor_type.elem_type == have:
+            inner = value.name + "_cast"
             for node in graph.node:
                 node.input[:] = [inner if i == value.name else i for i in node.input]
-            graph.node.insert(0, onnx.helper.make_node("Cast", [value.name], [inner], to=float_type))
-            value.type.tensor_type.elem_type = half
+            graph.node.insert(0, onnx.helper.make_node("Cast", [value.name], [inner], to=have))
+            value.type.tensor_type.elem_type = want
     for value in graph.output:
-        if value.type.tensor_type.elem_type == float_type:
-            inner = value.name + "_fp32"
+        if value.type.tensor_type.elem_type == have:
+            inner = value.name + "_cast"
             for node in graph.node:
                 node.output[:] = [inner if o == value.name else o for o in node.output]
-            graph.node.append(onnx.helper.make_node("Cast", [inner], [value.name], to=half))
-            value.type.tensor_type.elem_type = half
+            graph.node.append(onnx.helper.make_node("Cast", [inner], [value.name], to=want))
+            value.type.tensor_type.elem_type = want
 
 
 def _version() -> str:

@@ -1,6 +1,6 @@
 """Plans that start from an ONNX pipeline folder: back to a diffusers folder, or re-written with LoRAs merged.
 
-The folder is read as a ``TensorSource`` under diffusers names (``io.onnx.open_onnx_folder``), so a
+The folder is read as a ``TensorSource`` under diffusers names (``io.onnx_folder.open_onnx_folder``), so a
 single-file conversion needs nothing from here. Neither plan needs torch: a re-written graph is the
 original's bytes with its initializers streamed anew from the plan (LoRA updates added in fp32).
 """
@@ -15,33 +15,38 @@ from ..families import FAMILIES
 from ..families.configs import model_index
 from ..io.base import TensorSource
 from ..io.onnx import DATA_FILE_NAMES, needs_external, open_onnx, split_model
-from ..io.onnx_folder import folder_graphs
+from ..io.onnx_folder import folder_graphs, full_name, owner
 from ..layouts import WEIGHTS, small_files
 from ..plan import OutputFile, Plan, derive
 
 
 def onnx_to_diffusers(source: TensorSource, family: str, dtype: str | None) -> Plan:
-    """The diffusers folder of an sdport ONNX export: the weights by the name maps, configs from the export."""
+    """The diffusers folder of an sdport ONNX export: the weights by the name maps, configs from the export.
+
+    A pipeline's weights go to their component folders; a lone ControlNet's to the folder itself.
+    """
     files: dict[str, OutputFile] = {}
+    lone = family == "controlnet"
     for name in source.tensors:
-        component, param = name.split(".", 1)
-        if component not in WEIGHTS and not component.startswith("text_encoder"):
-            raise SdportError(source.path, f"initializer '{param}' of {component}/ has no diffusers name",
-                              "only sdport's exports (with sdport-names.json) convert back")
-        path = f"{component}/{WEIGHTS.get(component, 'model')}.safetensors"
+        component, param = ("", name) if lone else name.split(".", 1)
+        path = f"{component}/{WEIGHTS.get(component, 'model')}.safetensors" if component else \
+            "diffusion_pytorch_model.safetensors"
         files.setdefault(path, OutputFile(path, "safetensors", [], {"format": "pt"}))
         files[path].tensors.append(derive(param, dtype, source, (name,)))
-    extra = {k: v for k, v in small_files(source.path).items() if k.startswith(("scheduler/", "tokenizer"))}
+    found = small_files(source.path)
+    extra = {k: v for k, v in found.items() if k.startswith(("scheduler/", "tokenizer"))}
     for comp in folder_graphs(source.path):
-        target = "vae" if comp.startswith("vae_") else comp
-        config = small_files(source.path).get(f"{comp}/config.json")
+        config = found.get(f"{comp}/config.json")
         if config is None:
             raise SdportError(os.path.join(source.path, comp), "no config.json", "only sdport's exports convert back")
-        extra[f"{target}/config.json"] = config
-    scheduler = json.loads(extra.get("scheduler/scheduler_config.json", b"{}")).get("_class_name", "PNDMScheduler")
-    components = {p.split("/")[0] for p in files}
-    extra["model_index.json"] = (json.dumps(model_index(FAMILIES[family], components, "", scheduler), indent=2,
-                                            sort_keys=True) + "\n").encode()
+        if owner(comp) == "vae":  # an Optimum-layout export turns upcasting off; diffusers' fp16 SDXL VAE needs it
+            config = json.dumps({**json.loads(config), "force_upcast": family.startswith("sdxl")}, indent=2).encode()
+        extra["config.json" if lone else f"{owner(comp)}/config.json"] = config
+    if not lone:
+        scheduler = json.loads(extra.get("scheduler/scheduler_config.json", b"{}")).get("_class_name",
+                                                                                        "PNDMScheduler")
+        index = model_index(FAMILIES[family], {p.split("/")[0] for p in files}, "", scheduler)
+        extra["model_index.json"] = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
     return Plan(files=list(files.values()), extra=extra)
 
 
@@ -51,9 +56,9 @@ def onnx_rewrite(source: TensorSource) -> Plan:
     for comp, g in folder_graphs(source.path).items():
         head, graph = split_model(g.model)
         # a weight read as a transposed view is written back as it was stored
-        tensors = [derive(initializer, None, source, (g.names.get(initializer, f"{comp}.{initializer}"),),
+        tensors = [derive(initializer, None, source, (full_name(comp, g, initializer),),
                           "transpose" if initializer in g.transposed else "identity")
-                   for initializer in _initializers(g.model)]
+                   for initializer in open_onnx(g.model).tensors]
         external = None
         if needs_external(sum(t.slot().nbytes for t in tensors), head, graph):
             data = {os.path.basename(source.tensors[t.inputs[0]].file) for t in tensors} - {"model.onnx"}
@@ -61,6 +66,3 @@ def onnx_rewrite(source: TensorSource) -> Plan:
         plan.files.append(OutputFile(f"{comp}/model.onnx", "onnx", tensors, onnx=(head, graph, external)))
     return plan
 
-
-def _initializers(model: str) -> list[str]:
-    return list(open_onnx(model).tensors)

@@ -15,13 +15,13 @@ from ..dtypes import BY_CODE
 from ..errors import SdportError
 from ..families.clip import hub_name
 from ..io.onnx import DATA_FILE_NAMES, needs_external
-from ..io.onnx_folder import NAME_MAP
+from ..io.onnx_folder import NAME_MAP, owner
 from ..plan import OutputFile, OutputTensor, Plan
-from .onnx import OPSET, Spec, name_map, specs, trace
+from .onnx import OPSET, OPSETS, Spec, name_map, specs, trace
 
 LAYOUTS = ("diffusers", "optimum")
-#: the external data file name each layout's exporter uses
-DATA_FILE = dict(zip(LAYOUTS, DATA_FILE_NAMES, strict=True))
+#: the external data file name each layout's exporter uses (diffusers' script, Optimum)
+DATA_FILE = {"diffusers": DATA_FILE_NAMES[0], "optimum": DATA_FILE_NAMES[1]}
 ORT_CLASS = {"sd1": "ORTStableDiffusionPipeline", "sd2": "ORTStableDiffusionPipeline",
              "sdxl-base": "ORTStableDiffusionXLPipeline", "sdxl-refiner": "ORTStableDiffusionXLImg2ImgPipeline"}
 
@@ -68,14 +68,17 @@ def onnx_plan(plan: Plan, family: str, *, layout: str = "diffusers", dtype: str 
             raise SdportError(None, f"--components: {', '.join(sorted(unknown))} not in this model",
                               "choose from " + ", ".join(s.name for s in chosen))
         chosen = [s for s in chosen if s.name in components or s.name == "cnet" and "unet" in components]
+    for want in (dtype, vae_dtype or dtype):
+        if want not in ("F32", "F16"):
+            raise SdportError(None, f"ONNX export in {want}", "use --dtype and --vae-dtype fp32 or fp16")
+    if opset not in OPSETS:
+        raise SdportError(None, f"opset {opset}", f"use {OPSETS.start} to {OPSETS.stop - 1}")
     out = Plan(files=[], dropped=dict(plan.dropped))
     used: set[str] = set()
     for spec in chosen:
         if progress:
             progress(spec.name)
         want = (vae_dtype or dtype) if spec.weights == "vae" else dtype
-        if want not in ("F32", "F16"):
-            raise SdportError(None, f"ONNX export in {want}", "use --dtype fp32 or fp16")
         traced = trace(spec, configs[spec.weights], opset=opset, fp16=want == "F16", fp16_io=dtype == "F16")
         # a text encoder's names with or without transformers' ``text_model.`` (the module's and the file's may differ)
         norm = hub_name if spec.weights.startswith("text_encoder") else (lambda n: n)
@@ -124,7 +127,10 @@ def layout_files(plan: Plan, family: str, layout: str, components: list[str], co
         doc = {"_class_name": ORT_CLASS.get(family, "ORTStableDiffusionPipeline"), "_diffusers_version": "0.39.0",
                "scheduler": scheduler, **tokenizers, **{c: ["diffusers", "OnnxRuntimeModel"] for c in components}}
     for c in components:  # optimum reads them; sdport reads them to convert the export back
-        files[f"{c}/config.json"] = _json(configs["vae" if c.startswith("vae") else "unet" if c == "cnet" else c])
+        config = configs[owner(c)]
+        if c.startswith("vae") and layout == "optimum":  # the graph's precision is fixed: Optimum must not upcast
+            config = {**config, "force_upcast": False}
+        files[f"{c}/config.json"] = _json(config)
     files["model_index.json"] = _json(doc)
     return files
 

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 from ..dtypes import BY_CODE
 from ..errors import FormatError
-from .atomic import AtomicFile
+from .atomic import AtomicFile, disk_error
 from .base import Slot, TensorInfo, TensorSource
 from .mindspore import varint
 from .writer import StreamWriter
@@ -134,6 +134,9 @@ class OnnxWriter(StreamWriter):
             while data:
                 data = data[os.write(model.fd, data):]
             model.commit()
+        except OSError as exc:
+            model.abort()
+            raise disk_error(self.model_path, exc) from exc
         except BaseException:
             model.abort()
             raise
@@ -175,6 +178,8 @@ class _Fields:
                 self.pos += n
             elif wire in (1, 5):
                 self.pos += 8 if wire == 1 else 4
+                if self.pos > self.end:
+                    raise FormatError(self.path, "a field runs past its message", "the file is truncated")
                 yield number, wire, None
             else:
                 raise FormatError(self.path, f"unsupported protobuf wire type {wire}", "the file is not ONNX")
@@ -245,12 +250,12 @@ def open_onnx(path: str) -> TensorSource:
 
 
 def _initializer(t: _Fields, path: str, folder: str, sizes: dict[str, int]) -> TensorInfo:
-    dims, code, name, raw, external, location = [], None, None, None, {}, 0
+    dims, code, name, raw, external, location, typed = [], None, None, None, {}, 0, False
     for number, wire, value in t:
         if number == 1:
             if wire == 0:
                 dims.append(value)
-            else:  # packed
+            elif wire == 2:  # packed
                 sub = t.sub(value)
                 while sub.pos < sub.end:
                     dims.append(sub.varint())
@@ -270,8 +275,10 @@ def _initializer(t: _Fields, path: str, folder: str, sizes: dict[str, int]) -> T
         elif number == 14 and wire == 0:
             location = value
         elif number in (4, 5, 6, 7, 10, 11):
-            raise FormatError(path, f"initializer '{name}' keeps its values in a typed field, not raw bytes",
-                              "re-save the model with onnx (raw_data)")
+            typed = True
+    if typed:
+        raise FormatError(path, f"initializer '{name}' keeps its values in a typed field, not raw bytes",
+                          "re-save the model with onnx (raw_data)")
     if name is None or code not in ONNX_TYPES:
         raise FormatError(path, f"initializer '{name}' has unsupported data type {code}", None)
     dtype = ONNX_TYPES[code]
@@ -297,15 +304,16 @@ def _external(path: str, folder: str, name: str, fields: dict[str, str], sizes: 
               ) -> tuple[str, int, int]:
     """The checked (file, offset, length) of an external initializer."""
     location = fields.get("location", "")
-    if not location or os.path.isabs(location) or os.path.normpath(location).startswith(("..", os.sep)) \
-            or "\\" in location or os.path.normpath(location) != location.removeprefix("./"):
+    plain = os.path.normpath(location) == location.removeprefix("./") and not {"\\", "\x00"} & set(location)
+    if not location or not plain or os.path.isabs(location) or os.path.normpath(location).startswith(("..", os.sep)):
         raise FormatError(path, f"external data path {location!r} escapes model folder", "the file is hostile")
     file = os.path.join(folder, location)
     probe = folder
     for part in location.split("/"):
         probe = os.path.join(probe, part)
         if os.path.islink(probe):
-            raise FormatError(path, f"external data {location!r} is a symlink", "copy the real file in place")
+            raise FormatError(path, f"external data {location!r} is a symlink",
+                              "copy the real file in place (a Hugging Face cache links files: download to a folder)")
     if os.path.commonpath([os.path.realpath(file), os.path.realpath(folder)]) != os.path.realpath(folder):
         raise FormatError(path, f"external data path {location!r} escapes model folder", "the file is hostile")
     if file not in sizes:
@@ -332,13 +340,32 @@ def _external(path: str, folder: str, name: str, fields: dict[str, str], sizes: 
 
 
 def split_model(path: str) -> tuple[bytes, bytes]:
-    """The model's fields without its graph, and its graph's fields without initializers, as written."""
+    """The model's fields without its graph, and its graph's fields without initializers, as written.
+
+    A graph whose constants (node attributes) point into external data is refused: re-writing the
+    weights would move the bytes those pointers name (onnx saves large constants so, Optimum over 2 GB).
+    """
     with _mapped(path) as graph:
         buf = graph.buf
+        for number, wire, span in _Fields(path, buf, graph.pos, graph.end):
+            if number == 1 and wire == 2 and _external_attribute(graph.sub(span)):
+                raise FormatError(path, "graph constants are stored in external data",
+                                  "re-save the model with onnx.save(..., convert_attribute=False)")
         top = _Fields(path, buf, 0, len(buf))
         model = b"".join(bytes(buf[a:b]) for a, b in _raw_fields(top) if not _is(buf, a, 7))
         body = b"".join(bytes(buf[a:b]) for a, b in _raw_fields(graph) if not _is(buf, a, 5))
     return model, body
+
+
+def _external_attribute(node: _Fields) -> bool:
+    """Whether a node has a tensor attribute (t = 5, tensors = 10) whose data is external (data_location 14 = 1)."""
+    for number, wire, span in node:
+        if number != 5 or wire != 2:
+            continue
+        for n, w, value in node.sub(span):
+            if n in (5, 10) and w == 2 and any(f == 14 and v == 1 for f, _, v in node.sub(value)):
+                return True
+    return False
 
 
 def _raw_fields(fields: _Fields):

@@ -34,6 +34,16 @@ class Graph:
     mapped: bool = False  # the names come from sdport's name map (every weight named)
 
 
+def owner(comp: str) -> str:
+    """The diffusers component whose weights an ONNX component holds."""
+    return "vae" if comp.startswith("vae_") else "unet" if comp == "cnet" else comp
+
+
+def full_name(comp: str, graph: Graph, initializer: str) -> str:
+    """An initializer's name in the folder's source: its diffusers name, else kept under its folder."""
+    return graph.names.get(initializer, f"{comp}.{initializer}")
+
+
 def folder_graphs(path: str) -> dict[str, Graph]:
     """Each ``<component>/model.onnx`` of the folder, with its names: from sdport's name map, else the graph's own.
 
@@ -66,17 +76,20 @@ def _mapped(mapped: str, model: str) -> Graph:
 
 
 def _found(model: str, comp: str) -> Graph:
-    """Names of a foreign export: initializers under their own names, MatMul weights after their node's module."""
+    """Names of a foreign export: initializers named like parameters under their component, MatMul weights
+    after their node's module; made-up names (``onnx::…``) stay under the folder's name."""
     graph = Graph(model)
-    owner = "vae" if comp.startswith("vae_") else "unet" if comp == "cnet" else comp
     users: dict[str, list[str]] = {}
     for name, op, inputs in read_nodes(model):
         if op == "MatMul" and len(inputs) == 2 and (m := _MATMUL.fullmatch(name)):
             users.setdefault(inputs[1], []).append(m[1].replace("/", ".") + ".weight")
-    for initializer, params in users.items():
-        if len(set(params)) == 1:  # one module multiplies by it (not a weight shared by deduplication)
-            graph.names[initializer] = f"{owner}.{params[0]}"
+    for initializer in open_onnx(model).tensors:
+        params = set(users.get(initializer, ()))
+        if len(params) == 1:  # one module multiplies by it (not a weight shared by deduplication)
+            graph.names[initializer] = f"{owner(comp)}.{params.pop()}"
             graph.transposed.add(initializer)
+        elif "::" not in initializer:
+            graph.names[initializer] = f"{owner(comp)}.{initializer}"
     return graph
 
 
@@ -93,10 +106,11 @@ def open_onnx_folder(path: str) -> TensorSource:
     source = TensorSource(path=path, format="onnx", tensors={})
     for comp, graph in folder_graphs(path).items():
         for name, info in open_onnx(graph.model).tensors.items():
-            full = graph.names.get(name, f"{comp}.{name}")
+            full = full_name(comp, graph, name)
             if full in source.tensors:
-                if comp == "cnet":
-                    continue
+                seen = source.tensors[full]
+                if comp == "cnet" and (seen.dtype, seen.numel) == (info.dtype, info.numel):
+                    continue  # the UNet's weight again
                 raise FormatError(graph.model, f"'{full}' is in two graphs", "the name maps are wrong")
             if name in graph.transposed:
                 if len(info.shape) != 2:
