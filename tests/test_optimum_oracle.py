@@ -48,11 +48,11 @@ def test_optimum_pipeline_gives_the_torch_image(tmp_path, family) -> None:
                                                      **kw).images)
     assert got.shape == want.shape == (1, 64, 64, 3)
     assert np.abs(got - want).max() < 1e-4
-    if family == "sd1":  # fp16 graphs with an fp32 VAE, through the same pipeline: bounded, reported
-        half = str(tmp_path / "fp16")
-        _export(ref, half, "--dtype", "fp16", "--vae-dtype", "fp32")
-        latents16 = torch.tensor(latents).half()
-        got16 = np.asarray(ort_cls.from_pretrained(half)("a photo of a red cat", latents=latents16, **kw).images)
-        err = float(np.abs(got16.astype(np.float32) - want).max())
-        print(f"fp16 export vs torch fp32 image: max abs {err:.2e}")
-        assert np.isfinite(got16).all() and err < 0.05
+    # fp16 graphs with an fp32 VAE, through the same pipeline: bounded, reported
+    half = str(tmp_path / "fp16")
+    _export(ref, half, "--dtype", "fp16", "--vae-dtype", "fp32")
+    latents16 = torch.tensor(latents).half()
+    got16 = np.asarray(ort_cls.from_pretrained(half)("a photo of a red cat", latents=latents16, **kw).images)
+    err = float(np.abs(got16.astype(np.float32) - want).max())
+    print(f"{family}: fp16 export vs torch fp32 image: max abs {err:.2e}")
+    assert np.isfinite(got16).all() and err < 0.05
