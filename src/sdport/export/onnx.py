@@ -281,8 +281,9 @@ def _retype_io(graph, spec: Spec, have: int, want: int) -> None:
     for value in graph.output:
         if value.type.tensor_type.elem_type == have:
             inner = value.name + "_cast"
-            for node in graph.node:
+            for node in graph.node:  # its producer and any node inside that reads it use the inner value
                 node.output[:] = [inner if o == value.name else o for o in node.output]
+                node.input[:] = [inner if i == value.name else i for i in node.input]
             graph.node.append(onnx.helper.make_node("Cast", [inner], [value.name], to=want))
             value.type.tensor_type.elem_type = want
 
