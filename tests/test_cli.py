@@ -189,7 +189,7 @@ def test_interrupt_leaves_no_output_and_no_temp(big_source, tmp_path, sig, code,
     _wait_for_temp(tmp_path, proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == code and err.strip() == f"sdport: {word}"
+    assert proc.returncode == code and err.strip() == f"sdport: {word}", (proc.returncode, err)
     assert not out.exists() and leftovers(tmp_path) == []
     assert sha256(big_source) == before
 
