@@ -345,6 +345,10 @@ def test_controlnet_graph_feeds_the_cnet_unet_as_torch_does(setup, tmp_path) -> 
     assert sum(not np.array_equal(unet.read(k), base.read(k)) for k in unet.tensors) > 20
     back = str(tmp_path / "back")
     assert run_cli("convert", pipe_out, back, "--to", "diffusers").code == 0
+    assert sorted(os.listdir(back)) == ["model_index.json", "scheduler", "tokenizer", "unet"]  # no cnet/
+    got = load_file(os.path.join(back, "unet", "diffusion_pytorch_model.safetensors"))
+    ref = setup["pipe"].unet.state_dict()
+    assert set(got) == set(ref) and all(np.array_equal(got[k], ref[k].numpy()) for k in ref)
 
 
 def test_optimum_layout_has_every_config(setup, tmp_path) -> None:
