@@ -12,7 +12,7 @@ import os
 
 from ..errors import SdportError
 from ..families import FAMILIES
-from ..families.configs import model_index
+from ..families.configs import json_bytes, model_index
 from ..io.base import TensorSource
 from ..io.onnx import DATA_FILE_NAMES, needs_external, open_onnx, split_model
 from ..io.onnx_folder import folder_graphs, full_name, owner
@@ -40,13 +40,13 @@ def onnx_to_diffusers(source: TensorSource, family: str, dtype: str | None) -> P
         if config is None:
             raise SdportError(os.path.join(source.path, comp), "no config.json", "only sdport's exports convert back")
         if owner(comp) == "vae":  # an Optimum-layout export turns upcasting off; diffusers' fp16 SDXL VAE needs it
-            config = json.dumps({**json.loads(config), "force_upcast": family.startswith("sdxl")}, indent=2).encode()
+            config = json_bytes({**json.loads(config), "force_upcast": family.startswith("sdxl")})
         extra["config.json" if lone else f"{owner(comp)}/config.json"] = config
     if not lone:
         scheduler = json.loads(extra.get("scheduler/scheduler_config.json", b"{}")).get("_class_name",
                                                                                         "PNDMScheduler")
         index = model_index(FAMILIES[family], {p.split("/")[0] for p in files}, "", scheduler)
-        extra["model_index.json"] = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+        extra["model_index.json"] = json_bytes(index)
     return Plan(files=list(files.values()), extra=extra)
 
 

@@ -14,10 +14,11 @@ from dataclasses import replace
 from ..dtypes import BY_CODE
 from ..errors import SdportError
 from ..families.clip import hub_name
+from ..families.configs import json_bytes
 from ..io.onnx import DATA_FILE_NAMES, needs_external
 from ..io.onnx_folder import NAME_MAP, owner
 from ..plan import OutputFile, OutputTensor, Plan
-from .onnx import OPSET, OPSETS, Spec, name_map, specs, trace
+from .onnx import OPSET, OPSETS, name_map, specs, trace
 
 LAYOUTS = ("diffusers", "optimum")
 #: the external data file name each layout's exporter uses (diffusers' script, Optimum)
@@ -103,7 +104,7 @@ def onnx_plan(plan: Plan, family: str, *, layout: str = "diffusers", dtype: str 
             if f"{component}/{name}" not in used:
                 out.dropped.update({i: f"{component} weight the ONNX graphs do not use" for i in t.reads})
     if "" in configs:  # a lone ControlNet: its graph and config, no pipeline around it
-        out.extra["controlnet/config.json"] = _json(configs[""])
+        out.extra["controlnet/config.json"] = json_bytes(configs[""])
     else:
         out.extra.update(layout_files(plan, family, layout, [s.name for s in chosen], configs))
     return out
@@ -130,8 +131,8 @@ def layout_files(plan: Plan, family: str, layout: str, components: list[str], co
         config = configs[owner(c)]
         if c.startswith("vae") and layout == "optimum":  # the graph's precision is fixed: Optimum must not upcast
             config = {**config, "force_upcast": False}
-        files[f"{c}/config.json"] = _json(config)
-    files["model_index.json"] = _json(doc)
+        files[f"{c}/config.json"] = json_bytes(config)
+    files["model_index.json"] = json_bytes(doc)
     return files
 
 
@@ -148,11 +149,4 @@ def _slow_tokenizer(files: dict[str, bytes], folder: str) -> dict[str, bytes]:
     except (ValueError, KeyError, TypeError) as exc:
         raise SdportError(f"{folder}/tokenizer.json", "not a BPE tokenizer", "give the model a CLIP tokenizer") from exc
     merges_txt = "#version: 0.2\n" + "\n".join(lines) + "\n"
-    return {f"{folder}/vocab.json": _json(vocab), f"{folder}/merges.txt": merges_txt.encode()}
-
-
-def _json(obj: object) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
-
-
-__all__ = ["onnx_plan", "layout_files", "LAYOUTS", "Spec"]
+    return {f"{folder}/vocab.json": json_bytes(vocab), f"{folder}/merges.txt": merges_txt.encode()}

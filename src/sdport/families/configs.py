@@ -140,7 +140,7 @@ def tokenizer_files(pad: str) -> dict[str, bytes]:
     config = {**special, "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
               "add_prefix_space": False, "errors": "replace", "clean_up_tokenization_spaces": True}
     return {"vocab.json": (data / "vocab.json").read_bytes(), "merges.txt": (data / "merges.txt").read_bytes(),
-            "special_tokens_map.json": _json(special), "tokenizer_config.json": _json(config)}
+            "special_tokens_map.json": json_bytes(special), "tokenizer_config.json": json_bytes(config)}
 
 
 def model_index(family: Family, components: set[str], variant: str, scheduler: str) -> dict:
@@ -169,7 +169,8 @@ def model_index(family: Family, components: set[str], variant: str, scheduler: s
     return index
 
 
-def _json(obj: object) -> bytes:
+def json_bytes(obj: object) -> bytes:
+    """A config file's bytes as diffusers and transformers write them: indented, sorted keys, final newline."""
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
@@ -191,9 +192,9 @@ def pipeline_files(family_name: str, shapes: dict[str, Shapes], layouts: dict, *
             tokenizer = component.replace("text_encoder", "tokenizer")
             pad = "<|endoftext|>" if part.kind == "clip-l" else "!"
             files.update({f"{tokenizer}/{k}": v for k, v in tokenizer_files(pad).items()})
-        files[folder.format(component) + "config.json"] = _json(cfg)
+        files[folder.format(component) + "config.json"] = json_bytes(cfg)
     if family_name in PIPELINES:
         scheduler = scheduler_config(family, prediction_type, zero_snr=zero_snr)
-        files["scheduler/scheduler_config.json"] = _json(scheduler)
-        files["model_index.json"] = _json(model_index(family, set(shapes), variant, scheduler["_class_name"]))
+        files["scheduler/scheduler_config.json"] = json_bytes(scheduler)
+        files["model_index.json"] = json_bytes(model_index(family, set(shapes), variant, scheduler["_class_name"]))
     return files
