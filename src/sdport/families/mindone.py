@@ -59,39 +59,45 @@ VAE_RULES = tuple(_norms("{rest}.", ("norm", "norm{i}", "norm_out")))
 TEXT = "cond_stage_model.transformer."
 HF_TEXT = TEXT + "text_model."
 _MS_LAYER = TEXT + "transformer_layer.resblocks.{i}."
-SD1_TEXT = (
-    Pattern(HF_TEXT + "embeddings.token_embedding.weight", TEXT + "embedding_table"),
-    Pattern(HF_TEXT + "embeddings.position_embedding.weight", TEXT + "positional_embedding"),
-    Pattern(HF_TEXT + "final_layer_norm.weight", TEXT + "ln_final.gamma"),
-    Pattern(HF_TEXT + "final_layer_norm.bias", TEXT + "ln_final.beta"),
-    Pattern(HF_TEXT + "encoder.layers.{i}.layer_norm1.weight", _MS_LAYER + "ln_1.gamma"),
-    Pattern(HF_TEXT + "encoder.layers.{i}.layer_norm1.bias", _MS_LAYER + "ln_1.beta"),
-    Pattern(HF_TEXT + "encoder.layers.{i}.layer_norm2.weight", _MS_LAYER + "ln_2.gamma"),
-    Pattern(HF_TEXT + "encoder.layers.{i}.layer_norm2.bias", _MS_LAYER + "ln_2.beta"),
-    Pattern(HF_TEXT + "encoder.layers.{i}.mlp.fc1.{p}", _MS_LAYER + "c_fc.{p}"),
-    Pattern(HF_TEXT + "encoder.layers.{i}.mlp.fc2.{p}", _MS_LAYER + "c_proj.{p}"),
-    Pattern(HF_TEXT + "encoder.layers.{i}.self_attn.out_proj.{p}", _MS_LAYER + "attn.attn.out_proj.{p}"),
-)
+#: MindOne's SD1/SD2 text encoder (one class for both), by role; ``_text_rules`` pairs them with a family's names
+_MS_TEXT = {"token": TEXT + "embedding_table", "position": TEXT + "positional_embedding", "ln_final": TEXT + "ln_final",
+            "ln_1": _MS_LAYER + "ln_1", "ln_2": _MS_LAYER + "ln_2", "in_proj": _MS_LAYER + "attn.attn.in_proj",
+            "out_proj": _MS_LAYER + "attn.attn.out_proj", "c_fc": _MS_LAYER + "c_fc", "c_proj": _MS_LAYER + "c_proj"}
+
+
+def _text_rules(original: dict[str, str]) -> tuple[Pattern, ...]:
+    """Rows from a family's text-encoder names by role: embeddings whole, norms to gamma/beta, in_proj (OpenCLIP's
+    ``in_proj_weight``/``in_proj_bias``) to weight/bias, linear layers param for param."""
+    out = []
+    for role, name in original.items():
+        ms = _MS_TEXT[role]
+        if role in ("token", "position"):
+            out.append(Pattern(name, ms))
+        elif role.startswith("ln"):
+            out += [Pattern(f"{name}.weight", f"{ms}.gamma"), Pattern(f"{name}.bias", f"{ms}.beta")]
+        elif role == "in_proj":
+            out += [Pattern(f"{name}_weight", f"{ms}.weight"), Pattern(f"{name}_bias", f"{ms}.bias")]
+        else:
+            out.append(Pattern(name + ".{p}", ms + ".{p}"))
+    return tuple(out)
+
+
+_HF_LAYER = HF_TEXT + "encoder.layers.{i}."
+SD1_TEXT = _text_rules({
+    "token": HF_TEXT + "embeddings.token_embedding.weight",
+    "position": HF_TEXT + "embeddings.position_embedding.weight",
+    "ln_final": HF_TEXT + "final_layer_norm", "ln_1": _HF_LAYER + "layer_norm1", "ln_2": _HF_LAYER + "layer_norm2",
+    "c_fc": _HF_LAYER + "mlp.fc1", "c_proj": _HF_LAYER + "mlp.fc2", "out_proj": _HF_LAYER + "self_attn.out_proj"})
 #: SD1's q, k, v (original names, per layer and param) fused into MindOne's in_proj, in this row order
 SD1_FUSED = re.compile(re.escape(HF_TEXT) + r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
 QKV = ("q", "k", "v")
 
 _OC = "cond_stage_model.model."
-SD2_TEXT = (
-    Pattern(_OC + "token_embedding.weight", TEXT + "embedding_table"),
-    Pattern(_OC + "positional_embedding", TEXT + "positional_embedding"),
-    Pattern(_OC + "ln_final.weight", TEXT + "ln_final.gamma"),
-    Pattern(_OC + "ln_final.bias", TEXT + "ln_final.beta"),
-    Pattern(_OC + "transformer.resblocks.{i}.ln_1.weight", _MS_LAYER + "ln_1.gamma"),
-    Pattern(_OC + "transformer.resblocks.{i}.ln_1.bias", _MS_LAYER + "ln_1.beta"),
-    Pattern(_OC + "transformer.resblocks.{i}.ln_2.weight", _MS_LAYER + "ln_2.gamma"),
-    Pattern(_OC + "transformer.resblocks.{i}.ln_2.bias", _MS_LAYER + "ln_2.beta"),
-    Pattern(_OC + "transformer.resblocks.{i}.attn.in_proj_weight", _MS_LAYER + "attn.attn.in_proj.weight"),
-    Pattern(_OC + "transformer.resblocks.{i}.attn.in_proj_bias", _MS_LAYER + "attn.attn.in_proj.bias"),
-    Pattern(_OC + "transformer.resblocks.{i}.attn.out_proj.{p}", _MS_LAYER + "attn.attn.out_proj.{p}"),
-    Pattern(_OC + "transformer.resblocks.{i}.mlp.c_fc.{p}", _MS_LAYER + "c_fc.{p}"),
-    Pattern(_OC + "transformer.resblocks.{i}.mlp.c_proj.{p}", _MS_LAYER + "c_proj.{p}"),
-)
+_OC_LAYER = _OC + "transformer.resblocks.{i}."
+SD2_TEXT = _text_rules({
+    "token": _OC + "token_embedding.weight", "position": _OC + "positional_embedding", "ln_final": _OC + "ln_final",
+    "ln_1": _OC_LAYER + "ln_1", "ln_2": _OC_LAYER + "ln_2", "in_proj": _OC_LAYER + "attn.in_proj",
+    "out_proj": _OC_LAYER + "attn.out_proj", "c_fc": _OC_LAYER + "mlp.c_fc", "c_proj": _OC_LAYER + "mlp.c_proj"})
 
 
 def _sgm_text(prefix: str, openclip: bool) -> tuple[Pattern, ...]:
