@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from ..dtypes import BY_CODE
 from ..errors import FormatError
 from .base import Slot, TensorInfo, TensorSource
+from .protobuf import Fields, mapped, varint
 from .writer import StreamWriter
 
 #: MindSpore tensor_type ⇄ sdport dtype code
@@ -32,17 +33,6 @@ CRC_MAGIC = b"crc_num"
 TRAILER = len(CRC_MAGIC) + 10
 
 
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def looks_like(head: bytes) -> bool:
     """Whether a file's first bytes start a Checkpoint message: field 1 (value), then its field 1 (tag)."""
     if len(head) < 4 or head[0] != 0x0A:
@@ -51,54 +41,6 @@ def looks_like(head: bytes) -> bool:
     while k < len(head) and head[k] & 0x80:
         k += 1
     return k + 1 < len(head) and k <= 10 and head[k + 1] == 0x0A
-
-
-class _Reader:
-    """Varints and length-delimited fields of a file, through a small read buffer."""
-
-    def __init__(self, path: str, f, end: int):
-        self.path, self.f, self.end = path, f, end
-
-    @property
-    def pos(self) -> int:
-        return self.f.tell()
-
-    def byte(self, limit: int) -> int:
-        if self.pos >= limit:
-            raise FormatError(self.path, f"protobuf field runs past its message at byte {self.pos}", "the file is "
-                              "truncated or not a MindSpore checkpoint")
-        b = self.f.read(1)
-        if not b:
-            raise FormatError(self.path, "file ends inside a protobuf field", "the file is truncated")
-        return b[0]
-
-    def varint(self, limit: int) -> int:
-        value, shift = 0, 0
-        while True:
-            b = self.byte(limit)
-            value |= (b & 0x7F) << shift
-            if not b & 0x80:
-                return value
-            shift += 7
-            if shift > 63:
-                raise FormatError(self.path, f"malformed varint at byte {self.pos}", "the file is damaged")
-
-    def length(self, limit: int) -> int:
-        n = self.varint(limit)
-        if self.pos + n > limit:
-            raise FormatError(self.path, f"a field of {n} bytes at byte {self.pos} runs past its message "
-                              f"(ends at {limit})", "the file is truncated or damaged")
-        return n
-
-    def skip(self, wire: int, limit: int) -> None:
-        if wire == 0:
-            self.varint(limit)
-        elif wire == 2:
-            self.f.seek(self.length(limit), os.SEEK_CUR)
-        elif wire in (1, 5):
-            self.f.seek(8 if wire == 1 else 4, os.SEEK_CUR)
-        else:
-            raise FormatError(self.path, f"unknown protobuf wire type {wire} at byte {self.pos}", "the file is damaged")
 
 
 def _crc_end(path: str, f, size: int) -> int:
@@ -120,31 +62,24 @@ def _crc_end(path: str, f, size: int) -> int:
     return size - TRAILER
 
 
-def _tensor(r: _Reader, limit: int) -> tuple[list[int], str, int, int]:
-    """dims, tensor_type, content offset and length of one TensorProto ending at ``limit``."""
+def _tensor(t: Fields) -> tuple[list[int], str, int, int]:
+    """dims, tensor_type, content offset and length of one TensorProto."""
     dims: list[int] = []
-    kind, offset, nbytes = None, -1, -1
-    while r.pos < limit:
-        key = r.varint(limit)
-        field, wire = key >> 3, key & 7
+    kind, content = None, None
+    for field, wire, value in t:
         if field == 1 and wire == 0:
-            dims.append(r.varint(limit))
+            dims.append(value)
         elif field == 1 and wire == 2:  # packed dims
-            n = r.length(limit)
-            end = r.pos + n
-            while r.pos < end:
-                dims.append(r.varint(end))
+            packed = t.sub(value)
+            while packed.pos < packed.end:
+                dims.append(packed.varint())
         elif field == 2 and wire == 2:
-            kind = r.f.read(r.length(limit)).decode("utf-8", "replace")
+            kind = bytes(t.buf[value[0]:value[0] + value[1]]).decode("utf-8", "replace")
         elif field == 3 and wire == 2:
-            nbytes = r.length(limit)
-            offset = r.pos
-            r.f.seek(nbytes, os.SEEK_CUR)
-        else:
-            r.skip(wire, limit)
-    if kind is None or offset < 0:
-        raise FormatError(r.path, f"a tensor at byte {limit} lacks its type or content", "the file is damaged")
-    return dims, kind, offset, nbytes
+            content = value
+    if kind is None or content is None:
+        raise FormatError(t.path, f"a tensor ending at byte {t.end} lacks its type or content", "the file is damaged")
+    return dims, kind, content[0], content[1]
 
 
 def open_mindspore(path: str) -> TensorSource:
@@ -153,34 +88,26 @@ def open_mindspore(path: str) -> TensorSource:
     heads: dict[str, tuple[tuple[int, ...], str]] = {}
     last = None
     with open(path, "rb", buffering=1 << 16) as f:
-        size = os.fstat(f.fileno()).st_size
-        end = _crc_end(path, f, size)
-        f.seek(0)
-        r = _Reader(path, f, end)
-        while r.pos < end:
-            if r.varint(end) != 0x0A:
-                raise FormatError(path, f"byte {r.pos}: not a Checkpoint value field", "not a MindSpore checkpoint")
-            n = r.length(end)
-            value_end = r.pos + n
+        end = _crc_end(path, f, os.fstat(f.fileno()).st_size)
+    with mapped(path) as buf:
+        for field, wire, span in Fields(path, buf, 0, end):
+            if (field, wire) != (1, 2):
+                raise FormatError(path, f"byte {span[0] if wire == 2 else 0}: not a Checkpoint value field",
+                                  "not a MindSpore checkpoint")
+            value = Fields(path, buf, span[0], span[0] + span[1])
             tag, tensor = None, None
-            while r.pos < value_end:
-                key = r.varint(value_end)
-                field, wire = key >> 3, key & 7
-                if field == 1 and wire == 2:
-                    raw = r.f.read(r.length(value_end))
+            for n, w, v in value:
+                if n == 1 and w == 2:
                     try:
-                        tag = raw.decode("utf-8")
+                        tag = bytes(buf[v[0]:v[0] + v[1]]).decode("utf-8")
                     except UnicodeDecodeError:
-                        raise FormatError(path, f"a parameter name at byte {r.pos} is not UTF-8", None) from None
-                elif field == 2 and wire == 2:
-                    n = r.length(value_end)
-                    tensor = _tensor(r, r.pos + n)
-                elif field == 3:
+                        raise FormatError(path, f"a parameter name at byte {v[0]} is not UTF-8", None) from None
+                elif n == 2 and w == 2:
+                    tensor = _tensor(value.sub(v))
+                elif n == 3:
                     raise FormatError(path, f"parameter '{tag}' is a MapParameter", "sdport reads dense tensors only")
-                else:
-                    r.skip(wire, value_end)
             if tag is None or tensor is None:
-                raise FormatError(path, f"a value ending at byte {value_end} lacks its name or tensor", None)
+                raise FormatError(path, f"a value ending at byte {value.end} lacks its name or tensor", None)
             dims, kind, offset, nbytes = tensor
             if kind not in MS_TYPES:
                 raise FormatError(path, f"parameter '{tag}' has tensor type '{kind}'",

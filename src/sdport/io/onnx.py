@@ -14,7 +14,6 @@ offsets and lengths inside the file and equal to the tensor's size.
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import stat
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ from ..dtypes import BY_CODE
 from ..errors import FormatError
 from .atomic import AtomicFile, disk_error
 from .base import Slot, TensorInfo, TensorSource
-from .mindspore import varint
+from .protobuf import Fields, mapped, varint
 from .writer import StreamWriter
 
 #: ONNX TensorProto.DataType ⇄ sdport dtype code
@@ -143,70 +142,17 @@ class OnnxWriter(StreamWriter):
 
 
 # ---------------------------------------------------------------------------------------------- reading
-class _Fields:
-    """The fields of one protobuf message lying at [start, end) of a mapped file."""
-
-    def __init__(self, path: str, buf, start: int, end: int):
-        self.path, self.buf, self.pos, self.end = path, buf, start, end
-
-    def varint(self) -> int:
-        value, shift = 0, 0
-        while True:
-            if self.pos >= self.end:
-                raise FormatError(self.path, "ONNX message ends inside a field", "the file is truncated or not ONNX")
-            b = self.buf[self.pos]
-            self.pos += 1
-            value |= (b & 0x7F) << shift
-            if not b & 0x80:
-                return value
-            shift += 7
-            if shift > 63:
-                raise FormatError(self.path, "malformed varint", "the file is not ONNX")
-
-    def __iter__(self):
-        """(field number, wire type, value): varints as ints, length-delimited fields as (offset, length)."""
-        while self.pos < self.end:
-            key = self.varint()
-            number, wire = key >> 3, key & 7
-            if wire == 0:
-                yield number, wire, self.varint()
-            elif wire == 2:
-                n = self.varint()
-                if self.pos + n > self.end:
-                    raise FormatError(self.path, "a field runs past its message", "the file is truncated")
-                yield number, wire, (self.pos, n)
-                self.pos += n
-            elif wire in (1, 5):
-                self.pos += 8 if wire == 1 else 4
-                if self.pos > self.end:
-                    raise FormatError(self.path, "a field runs past its message", "the file is truncated")
-                yield number, wire, None
-            else:
-                raise FormatError(self.path, f"unsupported protobuf wire type {wire}", "the file is not ONNX")
-
-    def text(self, span: tuple[int, int]) -> str:
-        try:
-            return bytes(self.buf[span[0]:span[0] + span[1]]).decode()
-        except UnicodeDecodeError as exc:
-            raise FormatError(self.path, "a name is not UTF-8", "the file is damaged") from exc
-
-    def sub(self, span: tuple[int, int]) -> _Fields:
-        return _Fields(self.path, self.buf, span[0], span[0] + span[1])
-
-
 @contextmanager
 def _mapped(path: str):
-    """The model file mapped read-only (its weights' pages are never touched)."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
+    """The model's graph message in the mapped file (its weights' pages are never touched)."""
+    with mapped(path) as buf:
+        if not buf:
             raise FormatError(path, "empty file", "the file is not ONNX")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            top = _Fields(path, buf, 0, size)
-            spans = [v for number, wire, v in top if number == 7 and wire == 2]
-            if len(spans) != 1:
-                raise FormatError(path, f"{len(spans)} graph fields", "the file is not a single ONNX model")
-            yield top.sub(spans[0])
+        top = Fields(path, buf, 0, len(buf))
+        spans = [v for number, wire, v in top if number == 7 and wire == 2]
+        if len(spans) != 1:
+            raise FormatError(path, f"{len(spans)} graph fields", "the file is not a single ONNX model")
+        yield top.sub(spans[0])
 
 
 def read_nodes(path: str) -> list[tuple[str, str, list[str]]]:
@@ -249,7 +195,7 @@ def open_onnx(path: str) -> TensorSource:
     return TensorSource(path, "onnx", tensors)
 
 
-def _initializer(t: _Fields, path: str, folder: str, sizes: dict[str, int]) -> TensorInfo:
+def _initializer(t: Fields, path: str, folder: str, sizes: dict[str, int]) -> TensorInfo:
     dims, code, name, raw, external, location, typed = [], None, None, None, {}, 0, False
     for number, wire, value in t:
         if number == 1:
@@ -347,17 +293,17 @@ def split_model(path: str) -> tuple[bytes, bytes]:
     """
     with _mapped(path) as graph:
         buf = graph.buf
-        for number, wire, span in _Fields(path, buf, graph.pos, graph.end):
+        for number, wire, span in Fields(path, buf, graph.pos, graph.end):
             if number == 1 and wire == 2 and _external_attribute(graph.sub(span)):
                 raise FormatError(path, "graph constants are stored in external data",
                                   "re-save the model with onnx.save(..., convert_attribute=False)")
-        top = _Fields(path, buf, 0, len(buf))
+        top = Fields(path, buf, 0, len(buf))
         model = b"".join(bytes(buf[a:b]) for a, b in _raw_fields(top) if not _is(buf, a, 7))
         body = b"".join(bytes(buf[a:b]) for a, b in _raw_fields(graph) if not _is(buf, a, 5))
     return model, body
 
 
-def _external_attribute(node: _Fields) -> bool:
+def _external_attribute(node: Fields) -> bool:
     """Whether a node has a tensor attribute (t = 5, tensors = 10) whose data is external (data_location 14 = 1)."""
     for number, wire, span in node:
         if number != 5 or wire != 2:
@@ -368,7 +314,7 @@ def _external_attribute(node: _Fields) -> bool:
     return False
 
 
-def _raw_fields(fields: _Fields):
+def _raw_fields(fields: Fields):
     """[start, end) of each whole field (key included) of a message."""
     start = fields.pos
     for _, wire, value in fields:
