@@ -21,7 +21,7 @@ import sdport
 from sdport.io import open_tensors
 from sdport.io.base import Slot
 from sdport.io.safetensors import SafetensorsWriter
-from sdport.layouts import ema_name
+from sdport.steps import ema_name
 
 
 def with_ema(src: str, dst: str) -> None:

@@ -2,6 +2,7 @@
 """Time sdport against cp+sync (and the torch/safetensors route users would otherwise take), interleaved.
 
     python bench/run.py DATA_DIR [--suite repackage|layouts|lora|mindone|onnx] [--reps 3] [--only NAME] [--tools DIR]
+                                 [--compare SRC]
 
 Suites: ``repackage`` (issue 3: .ckpt ⇄ safetensors, fp32 → fp16 on a full-size SD1.5 file, built by
 make_fixtures.py) and ``layouts`` (issue 4: single file ⇄ diffusers for full-size SD1.5 with EMA and
@@ -11,7 +12,10 @@ checkout outside this repository).
 
 Every operation is its own process under GNU time (wall, peak RSS). Repetition i runs every
 operation once, in order, so that cp+sync of the same bytes is measured beside each of them on a
-shared, noisy machine; ratios are paired per repetition, then the median is taken.
+shared, noisy machine; ratios are paired per repetition, then the median is taken. ``--compare SRC``
+runs every sdport operation a second time right after, with another sdport's ``src`` folder first on
+``PYTHONPATH`` (a checkout of an earlier commit: ``git worktree add /tmp/before HEAD~1``), so that a change
+is measured before and after in the same run.
 """
 
 from __future__ import annotations
@@ -179,6 +183,14 @@ SUITES = {"repackage": (repackage, ("sd15-fp32.safetensors", "sd15-fp32.ckpt")),
                           "lora-sdxl-r32-b.safetensors"))}
 
 
+def _with_twin(op: tuple[str, str, list[str], str], src: str) -> list[tuple[str, str, list[str], str]]:
+    """The op, and for sdport's own ops the same command run with the sdport in ``src``."""
+    name, floor, cmd, target = op
+    if cmd[:len(SDPORT)] != SDPORT:
+        return [op]
+    return [op, (f"{name} [before]", floor, ["env", f"PYTHONPATH={os.path.abspath(src)}", *cmd], target)]
+
+
 def timed(cmd: list[str]) -> tuple[float, float, int]:
     """Wall seconds, peak RSS in MB, exit status — from GNU time."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as t:
@@ -216,10 +228,13 @@ def main() -> None:
     ap.add_argument("--only", default="")
     ap.add_argument("--suite", default="repackage", choices=sorted(SUITES))
     ap.add_argument("--tools", default="", help="folder holding the diffusers repository's conversion scripts")
+    ap.add_argument("--compare", default="", help="another sdport's src folder: each sdport op runs with it too")
     args = ap.parse_args()
     out = os.path.join(args.data, "out")
     build, inputs = SUITES[args.suite]
     ops = [op for op in build(args.data, out, args.tools) if args.only in op[0] or "cp+sync" in op[0]]
+    if args.compare:
+        ops = [twin for op in ops for twin in _with_twin(op, args.compare)]
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name, *_ in ops}
     ratios: dict[str, list[float]] = {name: [] for name, *_ in ops}
     for rep in range(args.reps):

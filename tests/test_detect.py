@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from sdport.demo import clip_l, sd1_unet, sd_vae
-from sdport.detect import SIGNATURES, detect, match
+from sdport.detect import TABLE, detect, score
+from sdport.errors import FormatError
 from sdport.io.base import TensorInfo
 
 
@@ -54,24 +55,31 @@ CASES = {
     "vae": _vae_only,
     "controlnet": lambda: {"control_model.input_hint_block.0.weight": (16, 3, 3, 3),
                            "control_model.zero_convs.0.0.weight": (32, 32, 1, 1)},
+    "controlnet-diffusers": lambda: {"conv_in.weight": (32, 4, 3, 3), "time_embedding.linear_1.weight": (128, 32),
+                                     "down_blocks.0.resnets.0.conv1.weight": (32, 32, 3, 3),
+                                     "controlnet_cond_embedding.conv_in.weight": (16, 3, 3, 3)},
+    "unet-diffusers": lambda: {"conv_in.weight": (32, 4, 3, 3), "time_embedding.linear_1.weight": (128, 32),
+                               "down_blocks.0.resnets.0.conv1.weight": (32, 32, 3, 3)},
     "lora": lambda: {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 32),
                      "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": (32, 4),
                      "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": ()},
 }
 
 
-@pytest.mark.parametrize("family", sorted(CASES))
-def test_each_family_is_detected_with_evidence(family: str) -> None:
-    found = detect(_infos(CASES[family]()))
-    assert found.family == family and found.evidence
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_each_family_is_detected_with_evidence(case: str) -> None:
+    found = detect(_infos(CASES[case]()))
+    assert found.family == case.removesuffix("-diffusers") and found.evidence
 
 
-@pytest.mark.parametrize("family", sorted(CASES))
-def test_exactly_one_signature_of_the_right_family_matches(family: str) -> None:
-    infos = _infos(CASES[family]())
-    matching = {s.family for s in SIGNATURES if match(s, infos) is not None}
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_exactly_one_signature_of_the_right_family_matches(case: str) -> None:
+    family = case.removesuffix("-diffusers")
+    infos = _infos(CASES[case]())
+    full = [s.signature for s in (score(sig, infos) for sig in TABLE) if s.full]
+    best = max(sig.size for sig in full)
     # a full checkpoint also contains a VAE and a UNet, but those signatures exclude full models
-    assert matching == {family}
+    assert {sig.family for sig in full if sig.size == best} == {family}
 
 
 def test_inpainting_variant_is_read_from_input_channels() -> None:
@@ -94,3 +102,30 @@ def test_adapter_formats_are_named() -> None:
 def test_unknown_tensors_say_so() -> None:
     found = detect(_infos({"foo.bar": (1,)}))
     assert found.family == "unknown" and found.evidence == ["no known signature matched"]
+
+
+def test_a_near_miss_names_the_closest_signature_and_what_it_lacked(tmp_path) -> None:
+    shapes = _sd1()
+    del shapes["model.diffusion_model.input_blocks.0.0.weight"]
+    found = detect(_infos(shapes))
+    assert found.family == "unknown"
+    assert found.evidence == ["no known signature matched", "closest: sd1 (ldm), which needs a tensor named like "
+                              "model.diffusion_model.input_blocks.0.0.weight"]
+
+
+def test_two_signatures_matching_equally_is_an_error_naming_both() -> None:
+    shapes = {**_sd1(), **_sdxl(False)}
+    with pytest.raises(FormatError, match=r"x\.safetensors: matches sd1 \(ldm\) and sdxl-base \(ldm\) equally"):
+        detect(_infos(shapes), path="x.safetensors")
+
+
+def test_mindone_and_adapter_formats_come_from_the_same_table() -> None:
+    assert {s.layout for s in TABLE} == {"ldm", "diffusers", "mindone", "adapter"}
+    tags = {s.tag for s in TABLE if s.layout == "adapter"}
+    assert tags == {"kohya", "lycoris", "peft", "diffusers-old", "mindone", "cloneofsimo", "unknown"}
+    renamed = {"model.diffusion_model.input_blocks.1.0.in_layers.0.weight":
+               "model.diffusion_model.input_blocks.1.0.in_layers_norm.gamma",
+               "model.diffusion_model.input_blocks.0.0.weight": "model.diffusion_model.input_blocks.0.0.conv.weight"}
+    mindone = {renamed.get(k, k): v for k, v in _sd1().items()}
+    found = detect(_infos(mindone))
+    assert (found.family, found.layout) == ("sd1", "mindone")

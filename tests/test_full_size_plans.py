@@ -14,9 +14,13 @@ import pytest
 import torch
 
 from sdport.detect import detect
+from sdport.families import FAMILIES
 from sdport.io.base import TensorInfo, TensorSource
-from sdport.layouts import LayoutRequest, to_diffusers, to_single_file
+from sdport.model import Model
 from sdport.plan import validate
+from sdport.request import ConvertRequest
+from sdport.targets import diffusers as to_folder
+from sdport.targets import single_file
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -66,6 +70,18 @@ def _source(shapes: dict[str, tuple[int, ...]], fmt: str) -> TensorSource:
     return TensorSource("full-size", fmt, {k: TensorInfo(k, "F16", s, "none", 0, 0) for k, s in shapes.items()})
 
 
+def _model(source: TensorSource) -> Model:
+    return Model(source, detect(source.tensors), source)
+
+
+def to_single_file(source: TensorSource):
+    return single_file.from_diffusers(_model(source), ConvertRequest.build("in", "out.safetensors"))
+
+
+def to_diffusers(source: TensorSource):
+    return to_folder.from_original(_model(source), ConvertRequest.build("in", "out", prediction_type="epsilon"))
+
+
 @pytest.fixture(scope="module", params=list(UNETS))
 def released(request) -> tuple[str, dict[str, dict[str, tuple[int, ...]]]]:
     """Names and shapes of each component of a released pipeline, from meta-device models."""
@@ -86,12 +102,12 @@ def test_full_size_plans_validate_and_give_back_every_name_and_shape(released) -
     folder = _source({f"{c}.{k}": s for c, shapes in comps.items() for k, s in shapes.items()}, "diffusers")
     found = detect(folder.tensors)
     assert (found.family, found.layout) == (name, "diffusers")
-    single = to_single_file(folder, name, LayoutRequest())
+    single = to_single_file(folder)
     validate(single, folder)
     assert sum(len(f.tensors) for f in single.files) > 1000
     original = _source({t.name: t.shape for t in single.files[0].tensors}, "safetensors")
     assert detect(original.tensors).family == name
-    back = to_diffusers(original, name, LayoutRequest(prediction_type="epsilon"))
+    back = to_diffusers(original)
     validate(back, original)
     got = {f.path.split("/")[0]: {t.name: t.shape for t in f.tensors} for f in back.files}
     flat = {c: {k if k.startswith(("text_model.", "text_projection")) or not c.startswith("text")
@@ -102,9 +118,8 @@ def test_full_size_plans_validate_and_give_back_every_name_and_shape(released) -
 def test_configs_derived_from_full_size_shapes_equal_the_released_ones(released) -> None:
     name, comps = released
     original = to_single_file(_source({f"{c}.{k}": s for c, shp in comps.items() for k, s in shp.items()},
-                                      "diffusers"), name, LayoutRequest())
-    plan = to_diffusers(_source({t.name: t.shape for t in original.files[0].tensors}, "safetensors"), name,
-                        LayoutRequest(prediction_type="epsilon"))
+                                      "diffusers"))
+    plan = to_diffusers(_source({t.name: t.shape for t in original.files[0].tensors}, "safetensors"))
     unet = json.loads(plan.extra["unet/config.json"])
     for key, value in UNETS[name].items():
         assert unet[key] == value, key
@@ -118,14 +133,15 @@ def test_configs_derived_from_full_size_shapes_equal_the_released_ones(released)
 def test_full_size_mindone_names_map_every_tensor_and_read_back(released) -> None:
     """Original single file → MindOne: every tensor renamed by rule (or left out, SD2's last text layer and its
     projection), the names MindOne's key lists use, and read back to the same names and shapes."""
-    from sdport.conversion import repackage_plan
-    from sdport.mindone import to_mindone, view
+    from sdport.families.parts.mindone import view
+    from sdport.targets.mindone import to_mindone
+    from sdport.targets.single_file import repackage_plan
 
     name, comps = released
     folder = _source({f"{c}.{k}": s for c, shapes in comps.items() for k, s in shapes.items()}, "diffusers")
-    original = _source({t.name: t.shape for t in to_single_file(folder, name, LayoutRequest()).files[0].tensors},
-                       "safetensors")
-    plan = to_mindone(repackage_plan(original, "safetensors", None, ""), name, None)
+    original = _source({t.name: t.shape for t in to_single_file(folder).files[0].tensors}, "safetensors")
+    plan = to_mindone(repackage_plan(original, ConvertRequest.build("in", "out.ckpt", to="mindspore"), whole=True),
+                      FAMILIES[name])
     ms = {t.name: t.shape for t in plan.files[0].tensors}
     validate(plan, original)
     assert all(not n.endswith((".weight", ".bias")) or "norm" not in n.rsplit(".", 2)[-2] for n in ms)
@@ -136,7 +152,7 @@ def test_full_size_mindone_names_map_every_tensor_and_read_back(released) -> Non
     assert known[name] in ms
     if name in ("sd1", "sd2"):
         assert "model.diffusion_model.input_blocks.1.0.in_layers_conv.conv.weight" in ms
-    back = view(_source(ms, "mindspore"))
+    back = view(_source(ms, "mindspore"), FAMILIES[name].mindone)
     dropped = set(original.tensors) - set(back.tensors)
     assert set(back.tensors) <= set(original.tensors)
     assert all(back.tensors[k].shape == original.tensors[k].shape for k in back.tensors)

@@ -182,3 +182,17 @@ def test_malformed_checkpoints_get_one_line(tmp_path, case) -> None:
     r = run_cli("convert", path, out)
     assert r.code == 2 and path in r.err and len(r.err.strip().splitlines()) == 1, r.err
     assert not os.path.exists(out) and leftovers(tmp_path) == [] and sha256(path) == before
+
+
+@pytest.mark.parametrize("flags", [["--to", "mindspore", "--crc"], ["--format", "mindspore", "--crc"]])
+def test_crc_asks_the_writer_for_the_trailer_mindspore_checks(demo_ckpt, tmp_path, flags) -> None:
+    import zlib
+
+    out, plain = tmp_path / "crc.bin", tmp_path / "plain.bin"
+    assert run_cli("convert", demo_ckpt, out, *flags).code == 0
+    assert run_cli("convert", demo_ckpt, plain, *flags[:2]).code == 0
+    data = out.read_bytes()
+    body = plain.read_bytes()
+    assert data == body + b"crc_num" + zlib.crc32(body).to_bytes(10, "big")
+    with open_tensors(out) as a, open_tensors(plain) as b:
+        assert list(a.tensors) == list(b.tensors)

@@ -179,7 +179,7 @@ def test_several_adapters_add_with_their_ratios(setup, tmp_path) -> None:
 def test_sdxl_kohya_names_from_sgm_modules_merge_the_same(setup, tmp_path) -> None:
     if setup["name"] != "sdxl-base":
         pytest.skip("kohya names SDXL UNet modules after the SGM layout")
-    from sdport.families.unet import layout_from_diffusers, name_map
+    from sdport.families.parts.unet import layout_from_diffusers, name_map
 
     table = name_map(layout_from_diffusers(setup["pipe"].unet.state_dict()))
     sgm = {m["path"]: table.to_ldm(m["path"] + ".weight")[0][:-len(".weight")]

@@ -39,7 +39,7 @@ def setup(request, tmp_path_factory) -> dict:
     ref = models.save_pipeline(name, str(root / "ref"))
     cls = getattr(diffusers, PIPES[name])
     pipe = cls.from_pretrained(ref)
-    from sdport.families.unet import layout_from_diffusers, name_map
+    from sdport.families.parts.unet import layout_from_diffusers, name_map
 
     table = name_map(layout_from_diffusers(pipe.unet.state_dict()))
     sgm = {k[: -len(".weight")]: table.to_ldm(k)[0][: -len(".weight")] for k in pipe.unet.state_dict()

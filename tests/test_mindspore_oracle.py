@@ -113,3 +113,17 @@ def test_the_demo_model_as_mindone_loads_in_mindspore(tmp_path, demo_ckpt) -> No
         for name in got.tensors:
             assert loaded[name].dtype == ms.float32 or loaded[name].dtype in (ms.int64, ms.int32)
     assert os.path.getsize(out) > 0
+
+
+def test_mindspore_verifies_the_crc_trailer_of_a_crc_conversion(tmp_path, demo_ckpt) -> None:
+    out = str(tmp_path / "demo-crc.ckpt")
+    assert run_cli("convert", demo_ckpt, out, "--to", "mindspore", "--crc").code == 0
+    loaded = ms.load_checkpoint(out, crc_check=True)
+    assert "model.diffusion_model.input_blocks.1.0.in_layers_norm.gamma" in loaded
+    bad = bytearray(open(out, "rb").read())
+    bad[100] ^= 1
+    with open(out, "wb") as f:
+        f.write(bad)
+    with pytest.raises(ValueError):
+        ms.load_checkpoint(out, crc_check=True)
+

@@ -8,7 +8,7 @@ import pytest
 from sdport.errors import PlanError, UnknownKeyError
 from sdport.io.base import TensorInfo, TensorSource
 from sdport.patches import Patch
-from sdport.plan import OutputFile, OutputTensor, Plan, compute, validate
+from sdport.plan import SAFETENSORS, OutputFile, OutputTensor, Plan, compute, validate
 
 
 def _source(**shapes: tuple[int, ...]) -> TensorSource:
@@ -17,7 +17,7 @@ def _source(**shapes: tuple[int, ...]) -> TensorSource:
 
 
 def _plan(*tensors: OutputTensor, dropped: dict | None = None) -> Plan:
-    return Plan([OutputFile("out", "safetensors", list(tensors))], dropped=dropped or {})
+    return Plan([OutputFile("out", SAFETENSORS, list(tensors))], dropped=dropped or {})
 
 
 def test_every_input_must_be_used_or_dropped_with_a_reason() -> None:

@@ -1,6 +1,7 @@
 """sdport: inspect and convert Stable Diffusion weights between formats, streaming and offline.
 
-The public API is small and lazy: importing sdport imports neither numpy nor torch.
+The public API is small and lazy: importing sdport imports neither numpy nor torch; each name below is
+loaded from its module (``api``, ``request``, ``io``, ``lora``) on first use, with its real signature.
 
     >>> import sdport
     >>> sdport.inspect("model.ckpt")["family"]
@@ -12,52 +13,40 @@ The public API is small and lazy: importing sdport imports neither numpy nor tor
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .errors import FormatError, OutputError, PlanError, SdportError, UnknownKeyError, UnsafeFileError
+from .errors import (
+    FormatError,
+    MissingExtraError,
+    OutputError,
+    PlanError,
+    SdportError,
+    SourceNotFoundError,
+    UnknownKeyError,
+    UnsafeFileError,
+)
 
-__all__ = ["FormatError", "OutputError", "PlanError", "SdportError", "UnknownKeyError", "UnsafeFileError",
-           "convert", "export_onnx", "inspect", "lora", "merge_loras", "open_tensors"]
+if TYPE_CHECKING:
+    from . import lora
+    from .api import ConvertResult, convert, export_onnx, inspect, merge_loras, run
+    from .io import open_tensors
+    from .request import ConvertRequest, LoraSpec, MindOneOptions, OnnxOptions, SingleFileOptions
+
+__all__ = ["ConvertRequest", "ConvertResult", "FormatError", "LoraSpec", "MindOneOptions", "MissingExtraError",
+           "OnnxOptions", "OutputError", "PlanError", "SdportError", "SingleFileOptions", "SourceNotFoundError",
+           "UnknownKeyError", "UnsafeFileError", "convert", "export_onnx", "inspect", "lora", "merge_loras",
+           "open_tensors", "run"]
+
+_WHERE = {"convert": ".api", "export_onnx": ".api", "inspect": ".api", "merge_loras": ".api", "run": ".api",
+          "ConvertResult": ".api", "ConvertRequest": ".request", "LoraSpec": ".request", "OnnxOptions": ".request",
+          "MindOneOptions": ".request", "SingleFileOptions": ".request", "open_tensors": ".io"}
 
 
 def __getattr__(name: str) -> Any:
-    """``sdport.lora`` (adapter convert/combine/extract), imported when first used."""
+    """Each public name, imported from its module when first used."""
     if name == "lora":
-        import importlib
-
         return importlib.import_module(".lora", __name__)
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name], __name__), name)
     raise AttributeError(f"module 'sdport' has no attribute {name!r}")
-
-
-def inspect(source: Any) -> dict[str, Any]:
-    """Describe a model file or folder; see ``sdport.inspection.inspect``."""
-    from .inspection import inspect as _inspect
-
-    return _inspect(source)
-
-
-def export_onnx(src: Any, dst: Any, **options: Any) -> Any:
-    """``convert(src, dst, to="onnx", …)``: an ONNX pipeline folder (``onnx_layout``, ``dtype``, ``vae_dtype``, …)."""
-    return convert(src, dst, to="onnx", **options)
-
-
-def convert(src: Any, dst: Any, **options: Any) -> Any:
-    """Convert a model; see ``sdport.conversion.convert`` for the options."""
-    from .conversion import convert as _convert
-
-    return _convert(src, dst, **options)
-
-
-def merge_loras(base: Any, dst: Any, loras: list[str], **options: Any) -> Any:
-    """Merge adapters (``FILE`` or ``FILE:RATIO`` each) into ``base``, written at ``dst`` in any layout.
-
-    The same as ``convert(base, dst, loras=loras, **options)``.
-    """
-    return convert(base, dst, loras=loras, **options)
-
-
-def open_tensors(path: Any, **options: Any) -> Any:
-    """Open a weights file or folder as a lazy TensorSource; see ``sdport.io.open_tensors``."""
-    from .io import open_tensors as _open
-
-    return _open(path, **options)

@@ -201,7 +201,7 @@ def run_demo(folder: str, echo) -> None:
     """Build the demo checkpoint in ``folder``, inspect it, convert it to fp16 safetensors and to a diffusers folder."""
     import os
 
-    from .conversion import convert
+    from .api import convert
     from .inspection import inspect, render
 
     os.makedirs(folder, exist_ok=True)

@@ -53,10 +53,6 @@ BY_CODE: dict[str, DType] = {d.code: d for d in _TABLE}
 BY_STORAGE: dict[str, DType] = {d.torch_storage: d for d in _TABLE if d.torch_storage}
 BY_TORCH_NAME: dict[str, DType] = {d.torch_name: d for d in _TABLE}
 
-#: what users type for ``--dtype``
-USER_NAMES: dict[str, str] = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "float32": "F32",
-                              "float16": "F16", "bfloat16": "BF16", "half": "F16"}
-
 
 def dtype(code: str) -> DType:
     """The DType for a safetensors code; KeyError if sdport does not know it."""
@@ -65,7 +61,7 @@ def dtype(code: str) -> DType:
 
 def _to_f32(a: np.ndarray) -> np.ndarray:
     """Exact widening to float32, NaNs made quiet as torch does."""
-    code = _code_of(a)
+    code = code_of(a)
     if code == "F32":
         return a
     out = a.astype(np.float32)
@@ -101,7 +97,7 @@ def cast(a: np.ndarray, code: str) -> np.ndarray:
     Float targets go through float32 first, as torch's CPU kernels do (so float64 → float16
     rounds twice, like torch). Integer and bool casts use numpy's C casting.
     """
-    src = _code_of(a)
+    src = code_of(a)
     if src == code:
         return a
     target = BY_CODE[code]
@@ -123,7 +119,8 @@ def cast(a: np.ndarray, code: str) -> np.ndarray:
         return f32.astype(target.numpy)
 
 
-def _code_of(a: np.ndarray) -> str:
+def code_of(a: np.ndarray) -> str:
+    """The dtype code of a numpy array."""
     for d in _TABLE:
         if d.numpy == a.dtype:
             return d.code

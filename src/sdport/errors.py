@@ -20,7 +20,7 @@ class SdportError(Exception):
 
     exit_code = 2
 
-    def __init__(self, path: str | os.PathLike | None, problem: str, hint: str | None = None):
+    def __init__(self, path: str | os.PathLike[str] | None, problem: str, hint: str | None = None):
         self.path = None if path is None else os.fspath(path)
         self.problem = problem
         self.hint = hint
@@ -59,7 +59,9 @@ class SourceNotFoundError(SdportError, FileNotFoundError):
 
 
 class MissingExtraError(SdportError, ImportError):
-    """A feature needs an optional dependency that is not installed."""
+    """A feature needs an optional dependency that is not installed: ``<feature> needs the '<extra>' extra
+    (<modules> not installed) (pip install 'sdport[<extra>]')``."""
 
-    def __init__(self, feature: str, extra: str):
-        super().__init__(None, f"{feature} needs the '{extra}' extra", f"pip install 'sdport[{extra}]'")
+    def __init__(self, feature: str, extra: str, missing: tuple[str, ...] | list[str] = ()):
+        what = f" ({', '.join(missing)} not installed)" if missing else ""
+        super().__init__(None, f"{feature} needs the '{extra}' extra{what}", f"pip install 'sdport[{extra}]'")

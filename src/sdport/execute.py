@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 
 import numpy as np
 
 from .dtypes import BY_CODE, cast
+from .io import open_writer
 from .io.atomic import AtomicDir, check_target
 from .io.base import TensorInfo, TensorSource
-from .io.mindspore import MindSporeWriter
-from .io.onnx import OnnxWriter
-from .io.safetensors import SafetensorsWriter
-from .io.torch import TorchWriter
-from .io.writer import StreamWriter
 from .plan import OutputFile, OutputTensor, Plan, compute, is_elementwise, is_passthrough
 from .progress import Progress
 
@@ -34,28 +30,17 @@ WORKERS = 2
 AHEAD = 8
 
 
-def writer_for(out: OutputFile, target: str, *, force: bool) -> StreamWriter:
-    if out.format == "safetensors":
-        return SafetensorsWriter(target, force=force)
-    if out.format == "ckpt":
-        return TorchWriter(target, force=force, root=out.root)
-    if out.format == "mindspore":
-        return MindSporeWriter(target, force=force)
-    if out.format == "onnx":
-        model, graph, external = out.onnx
-        return OnnxWriter(target, model, graph, external=external, force=force)
-    raise ValueError(f"unknown output format {out.format}")
-
-
-def execute(plan: Plan, source: TensorSource, target: str, *, force: bool = False, progress: bool = True) -> None:
+def execute(plan: Plan, source: TensorSource, target: str, *, force: bool = False, progress: bool = True,
+            protect: Sequence[str] = ()) -> None:
     """Write the plan at ``target`` atomically: one file, or a folder when the plan has several files or extras.
 
     The caller has validated the plan. Nothing exists at ``target`` unless every tensor was written
     and every file flushed to disk. Tensors that must be computed (cast, split, …) are computed a
-    few pieces ahead in worker threads while earlier pieces are being written.
+    few pieces ahead in worker threads while earlier pieces are being written. ``target`` may replace
+    none of the source's files, nor anything in ``protect`` (inputs read before the plan was made).
     """
-    inputs = sorted({info.file for info in source.tensors.values()})
-    check_target(target, force=force, inputs=inputs + [source.path], need_bytes=plan.nbytes)
+    inputs = source.files()
+    check_target(target, force=force, inputs=[*inputs, source.path, *protect], need_bytes=plan.nbytes)
     for file in inputs:
         source.fd(file)  # open every input here, so the worker threads never touch the descriptor table
     with Progress(plan.nbytes, os.path.basename(target), enabled=progress) as bar:
@@ -74,7 +59,7 @@ def _write_file(out: OutputFile, source: TensorSource, path: str, force: bool, b
     computed = [t for t in out.tensors if not is_passthrough(t, source)]
     pieces = _ahead(_pieces(computed, source))
     try:
-        with writer_for(out, path, force=force) as writer:
+        with open_writer(out.writer.format, path, force=force, **out.writer.options) as writer:
             writer.begin([t.slot() for t in out.tensors], out.metadata)
             for t in out.tensors:
                 if is_passthrough(t, source):

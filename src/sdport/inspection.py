@@ -6,9 +6,10 @@ import os
 from collections import Counter
 from typing import Any
 
-from .detect import Detection, detect, prediction_type
-from .families import PIPELINES
-from .io import open_tensors
+from .detect import Detection, prediction_type
+from .families import FAMILIES
+from .lora.describe import describe
+from .model import open_model
 
 
 def inspect(source: str | os.PathLike) -> dict[str, Any]:
@@ -23,15 +24,8 @@ def inspect(source: str | os.PathLike) -> dict[str, Any]:
         >>> sdport.inspect("model.safetensors")["family"]
         'sd1'
     """
-    from .mindone import view
-
-    with open_tensors(source) as src:
-        original = view(src)
-        found = detect((original or src).tensors, src.metadata)
-        if original is not None:
-            found.layout = "mindone"
-            found.evidence.append(f"MindOne names ({original.metadata['sdport.mindone_family']} rules), "
-                                  "read as the original layout")
+    with open_model(source) as model:
+        src, found = model.raw, model.found
         infos = list(src.tensors.values())
         files = sorted({i.file for i in infos})
         prefixes = Counter(_prefix(name) for name in src.tensors)
@@ -54,19 +48,14 @@ def inspect(source: str | os.PathLike) -> dict[str, Any]:
             "metadata": dict(src.metadata),
             "non_tensors": dict(src.non_tensors),
             **_prediction(found),
-            **({"adapter": _adapter(src)} if found.family == "lora" else {}),
+            **({"adapter": describe(src, found.adapter_format)} if found.family == "lora" else {}),
         }
-
-
-def _adapter(src) -> dict[str, Any]:
-    from .lora.describe import describe
-
-    return describe(src)
 
 
 def _prediction(found: Detection) -> dict[str, str]:
     """What a denoiser predicts and how that was decided; empty for models without a UNet."""
-    if found.family not in (*PIPELINES, "unet"):
+    family = FAMILIES.get(found.family)
+    if family is None or family.part("unet") is None:
         return {}
     value, reason = prediction_type(found)
     return {"prediction_type": value, "prediction_reason": reason}

@@ -55,8 +55,10 @@ OPS: dict[str, Op] = {
                     lambda ss, a: ss[0][::-1] if len(ss[0]) == 2 else None),
     "split": Op(lambda xs, a: np.split(xs[0], a[2], axis=a[0])[a[1]], _split_shape),
     "concat": Op(lambda xs, a: np.concatenate(xs, axis=a[0]), _concat_shape),
+    # times a constant in fp32, rounded once to the output's dtype (alpha/rank folded into a LoRA's up factor)
+    "scale": Op(lambda xs, a: cast(xs[0], "F32") * np.float32(a[0]), lambda ss, a: ss[0]),
 }
-_ARITY = {"identity": 1, "reshape": 1, "transpose": 1, "split": 1}
+_ARITY = {"identity": 1, "reshape": 1, "transpose": 1, "split": 1, "scale": 1}
 
 
 @dataclass(frozen=True)
@@ -80,17 +82,25 @@ class OutputTensor:
         return self.inputs + tuple(f for p in self.patches for f in p.factors)
 
 
+@dataclass(frozen=True)
+class WriterSpec:
+    """The writer an output file goes to: a format of ``io.FORMATS`` and its options (``root``, ``crc``, a graph …)."""
+
+    format: str
+    options: dict[str, object] = field(default_factory=dict)
+
+
+SAFETENSORS = WriterSpec("safetensors")
+
+
 @dataclass
 class OutputFile:
-    """One file to write: its path relative to the output root, its format and tensors."""
+    """One file to write: its path relative to the output root, its writer, tensors and metadata."""
 
     path: str
-    format: str  # "safetensors" | "ckpt" | "mindspore" | "onnx"
+    writer: WriterSpec
     tensors: list[OutputTensor]
     metadata: dict[str, str] = field(default_factory=dict)
-    root: str = ""  # ckpt only: wrap the tensors as {root: {...}}
-    # onnx only: the model and its graph serialized without weights, and the external data file's name (or None)
-    onnx: tuple[bytes, bytes, str | None] | None = None
 
 
 @dataclass
@@ -101,6 +111,7 @@ class Plan:
     dropped: dict[str, str] = field(default_factory=dict)  # input name → reason
     unknown: list[str] = field(default_factory=list)  # input names let through by --allow-unknown
     extra: dict[str, bytes] = field(default_factory=dict)  # other files of a folder output (configs, tokenizers)
+    prediction_type: str = ""  # what the output's scheduler config says the UNet predicts, when it has one
 
     @property
     def nbytes(self) -> int:

@@ -12,9 +12,10 @@ import json
 import re
 from importlib import resources
 
-from . import FAMILIES, PIPELINES, Family
-from .unet import UNetLayout
-from .vae import VAELayout
+from . import FAMILIES
+from .base import Family
+from .parts.unet import CONV_HEADS, UNetLayout
+from .parts.vae import VAELayout
 
 Shapes = dict[str, tuple[int, ...]]
 DIFFUSERS_VERSION = "0.30.0"
@@ -40,8 +41,8 @@ def _find(shapes: Shapes, suffix: str) -> tuple[int, ...] | None:
 
 def unet_heads(family: Family, linear: bool) -> tuple[str, int]:
     """The head layout: the family's, or for a UNet/ControlNet alone, SD1's (8 heads) when it projects with convs."""
-    if family.name in ("unet", "controlnet"):
-        return ("dim", 64) if linear else FAMILIES["sd1"].unet_heads
+    if family.unet_heads is None:
+        return ("dim", 64) if linear else CONV_HEADS
     return family.unet_heads
 
 
@@ -73,7 +74,7 @@ def unet_config(shapes: Shapes, family: Family, layout: UNetLayout, *, pooled_di
     if "add_embedding.linear_1.weight" in shapes:
         adm = shapes["add_embedding.linear_1.weight"][1]
         # SDXL conditions on the pooled text embedding plus 6 (base) or 5 (refiner) sinusoidal sizes of 256
-        count = 5 if family.name == "sdxl-refiner" else 6
+        count = family.time_ids
         time_dim = (adm - pooled_dim) // count if pooled_dim and (adm - pooled_dim) % count == 0 else 256
         cfg.update(addition_embed_type="text_time", addition_time_embed_dim=time_dim,
                    projection_class_embeddings_input_dim=adm)
@@ -101,7 +102,7 @@ def vae_config(shapes: Shapes, family: Family, layout: VAELayout) -> dict:
         "up_block_types": ["UpDecoderBlock2D"] * layout.levels, "in_channels": shapes["encoder.conv_in.weight"][1],
         "out_channels": shapes["decoder.conv_out.weight"][0], "latent_channels": shapes["post_quant_conv.weight"][0],
         "layers_per_block": layout.layers, "norm_num_groups": 32, "sample_size": family.sample_size,
-        "scaling_factor": family.vae_scale, "force_upcast": family.name.startswith("sdxl"),
+        "scaling_factor": family.vae_scale, "force_upcast": family.vae_upcast,
     }
 
 
@@ -145,9 +146,7 @@ def tokenizer_files(pad: str) -> dict[str, bytes]:
 
 def model_index(family: Family, components: set[str], variant: str, scheduler: str) -> dict:
     """model_index.json of the pipeline; components left out (``--components``) are written as null."""
-    pipeline = "StableDiffusionInpaintPipeline" if variant == "inpaint" and family.name == "sd1" else family.pipeline
-    if variant == "inpaint" and family.name == "sdxl-base":
-        pipeline = "StableDiffusionXLInpaintPipeline"
+    pipeline = family.inpaint_pipeline if variant == "inpaint" and family.inpaint_pipeline else family.pipeline
     entries = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
                "scheduler": ["diffusers", scheduler]}
     for part in family.parts:
@@ -159,13 +158,7 @@ def model_index(family: Family, components: set[str], variant: str, scheduler: s
     for name, value in entries.items():
         needs = name.replace("tokenizer", "text_encoder")  # a tokenizer is written with its text encoder
         index[name] = value if needs in components or name == "scheduler" else [None, None]
-    if family.name == "sdxl-refiner":
-        index.update(text_encoder=[None, None], tokenizer=[None, None], requires_aesthetics_score=True,
-                     force_zeros_for_empty_prompt=False)
-    elif family.name == "sdxl-base":
-        index["force_zeros_for_empty_prompt"] = True
-    else:
-        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    index.update(family.index)
     return index
 
 
@@ -179,7 +172,7 @@ def pipeline_files(family_name: str, shapes: dict[str, Shapes], layouts: dict, *
     """Every non-weight file of a diffusers folder for the components in ``shapes`` (component → shapes)."""
     family = FAMILIES[family_name]
     files: dict[str, bytes] = {}
-    folder = "{}/" if family_name in PIPELINES else ""  # a component alone is its own folder
+    folder = "{}/" if family.whole else ""  # a component alone is its own folder
     pooled = shapes.get("text_encoder_2", {}).get("text_projection.weight", (None,))[0]
     for component, comp_shapes in shapes.items():
         part = family.part(component)
@@ -193,7 +186,7 @@ def pipeline_files(family_name: str, shapes: dict[str, Shapes], layouts: dict, *
             pad = "<|endoftext|>" if part.kind == "clip-l" else "!"
             files.update({f"{tokenizer}/{k}": v for k, v in tokenizer_files(pad).items()})
         files[folder.format(component) + "config.json"] = json_bytes(cfg)
-    if family_name in PIPELINES:
+    if family.whole:
         scheduler = scheduler_config(family, prediction_type, zero_snr=zero_snr)
         files["scheduler/scheduler_config.json"] = json_bytes(scheduler)
         files["model_index.json"] = json_bytes(model_index(family, set(shapes), variant, scheduler["_class_name"]))

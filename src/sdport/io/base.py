@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -35,7 +35,8 @@ class TensorInfo:
 
     ``offset``/``nbytes`` locate the bytes of a contiguous tensor in ``file``. A torch view that is
     not contiguous keeps ``strides`` (in elements) over a storage of ``storage_nbytes`` bytes at
-    ``offset``; it is gathered with numpy when read.
+    ``offset``; it is gathered with numpy when read. A tensor computed by sdport itself (an adapter's
+    re-factorised factors) is held in ``array`` and has no file.
     """
 
     name: str
@@ -47,6 +48,7 @@ class TensorInfo:
     strides: tuple[int, ...] | None = None
     storage_nbytes: int = 0
     chunks: tuple[tuple[int, int], ...] | None = None  # (offset, nbytes) pieces in file order (MindSpore > 512 MiB)
+    array: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def numel(self) -> int:
@@ -54,8 +56,8 @@ class TensorInfo:
 
     @property
     def contiguous(self) -> bool:
-        """One byte range in ``file`` (not a strided view, not in chunks)."""
-        return self.strides is None and self.chunks is None
+        """One byte range in ``file`` (not a strided view, not in chunks, not in memory)."""
+        return self.strides is None and self.chunks is None and self.array is None
 
 
 @dataclass
@@ -92,6 +94,35 @@ class TensorSource:
 
     def keys(self) -> list[str]:
         return list(self.tensors)
+
+    def fork(self) -> TensorSource:
+        """The same tensors in a source of their own (own descriptors), for others to be joined into."""
+        return TensorSource(self.path, self.format, dict(self.tensors), dict(self.metadata), dict(self.non_tensors),
+                            self.root)
+
+    def put(self, name: str, array: np.ndarray) -> str:
+        """Hold a tensor computed in memory under ``name`` (its dtype must be one sdport names); returns the name."""
+        from ..dtypes import code_of
+
+        if name in self.tensors:
+            raise ValueError(f"'{name}' is already a tensor of {self.path}")
+        array = np.require(array, requirements="C")  # (ascontiguousarray would make a 0-d array 1-d)
+        self.tensors[name] = TensorInfo(name, code_of(array), tuple(array.shape), "", 0, array.nbytes, array=array)
+        return name
+
+    def files(self) -> list[str]:
+        """The files the tensors are read from."""
+        return sorted({i.file for i in self.tensors.values() if i.array is None})
+
+    def join(self, prefix: str, other: TensorSource) -> dict[str, str]:
+        """Make ``other``'s tensors readable here as ``prefix`` + their names — one plan reading several models (a
+        ``--base``, adapters) — and return each one's name here. This source opens their files from now on."""
+        names = {k: prefix + k for k in other.tensors}
+        taken = [n for n in names.values() if n in self.tensors]
+        if taken:
+            raise ValueError(f"prefix {prefix!r} is taken: '{taken[0]}' is already a tensor of {self.path}")
+        self.tensors.update({names[k]: replace(v, name=names[k]) for k, v in other.tensors.items()})
+        return names
 
     def fd(self, file: str) -> int:
         """A read-only descriptor of one of the source's files, opened once."""
@@ -136,8 +167,10 @@ class TensorSource:
         return self.read_bytes(info, start, count).view(BY_CODE[info.dtype].numpy)
 
     def read(self, name: str) -> np.ndarray:
-        """Tensor ``name`` as a new numpy array with its shape and dtype."""
+        """Tensor ``name`` as a new numpy array with its shape and dtype (one held in memory: itself)."""
         info = self.tensors[name]
+        if info.array is not None:
+            return info.array
         dt = BY_CODE[info.dtype].numpy
         raw = self.read_bytes(info).view(dt)
         if info.strides is None:

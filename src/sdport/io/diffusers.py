@@ -139,3 +139,20 @@ def _scheduler_metadata(path: str) -> dict[str, str]:
     if prediction not in ("epsilon", "v_prediction"):
         return {}
     return {"modelspec.predict_key": "v" if prediction == "v_prediction" else "epsilon"}
+
+
+def small_files(path: str, weights: set[str] = frozenset()) -> dict[str, bytes]:
+    """A model folder's configs and tokenizers (``.json``/``.txt`` under 16 MiB), by relative path.
+
+    Symlinks are followed (a Hugging Face cache snapshot links every file to its blob); a ``.bin``
+    shard index is left out (it would name files that are renamed), as are the files in ``weights``.
+    """
+    out = {}
+    for folder, _, names in os.walk(path):
+        for n in sorted(names):
+            full = os.path.join(folder, n)
+            small = n.endswith((".json", ".txt")) and not n.endswith(".bin.index.json")
+            if small and os.path.getsize(full) < 16 << 20 and os.path.realpath(full) not in weights:
+                with open(full, "rb") as f:
+                    out[os.path.relpath(full, path)] = f.read()
+    return out

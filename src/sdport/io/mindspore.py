@@ -33,7 +33,7 @@ CRC_MAGIC = b"crc_num"
 TRAILER = len(CRC_MAGIC) + 10
 
 
-def looks_like(head: bytes) -> bool:
+def looks_like(path: str, head: bytes) -> bool:
     """Whether a file's first bytes start a Checkpoint message: field 1 (value), then its field 1 (tag)."""
     if len(head) < 4 or head[0] != 0x0A:
         return False

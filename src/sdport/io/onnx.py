@@ -41,6 +41,17 @@ ALIGN_FROM, ALIGN = 1 << 20, 64 << 10
 EXTERNAL_KEYS = {"location", "offset", "length", "checksum", "basepath"}
 
 
+#: ModelProto fields that may follow ``ir_version`` (field 1, always first: protobuf writes fields in order)
+_MODEL_TAGS = {0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72, 0xA2, 0xCA, 0xD2}
+
+
+def looks_like(path: str, head: bytes) -> bool:
+    """Whether a file's first bytes start an ONNX ModelProto: ``ir_version`` (a small number), then a model field."""
+    if len(head) < 3 or head[0] != 0x08 or not 1 <= head[1] < 0x80:
+        return False
+    return head[2] in _MODEL_TAGS
+
+
 def _field(number: int, payload: bytes) -> bytes:
     """A length-delimited field: tag, length, bytes."""
     return varint(number << 3 | 2) + varint(len(payload)) + payload

@@ -30,21 +30,6 @@ _ENTRY = re.compile(r"^(data\.pkl|byteorder|version|\.format_version|\.storage_a
 WEIGHT_ROOTS = ("state_dict", "model_state_dict", "params_ema", "params", "model", "module", "net")
 
 
-def sniff(path: str) -> str | None:
-    """``torch-zip``, ``torch-legacy``, or None; tar and compressed wrappers are refused by name."""
-    with open(path, "rb") as f:
-        head = f.read(512)
-    if head[:4] == b"PK\x03\x04":
-        return "torch-zip"
-    if head[:2] == b"\x80\x02" and head[2:4] == b"\x8a\x0a":
-        return "torch-legacy"
-    if head[257:262] == b"ustar":
-        raise FormatError(path, "legacy tar checkpoint not supported", "re-save it with a current torch.save")
-    if head[:2] == b"\x80\x02" or head[:1] == b"\x80":
-        return "pickle"
-    return None
-
-
 # ------------------------------------------------------------------------------ zip format
 def _refuse_torchscript(path: str, names: list[str]) -> None:
     """Run on the central directory's names before any entry check: TorchScript zips store code compressed."""

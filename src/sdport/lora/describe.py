@@ -12,14 +12,14 @@ from .formats import UNSUPPORTED, base_family, module_kind, parse, read_alphas
 METADATA_PREFIXES = ("ss_", "modelspec.", "sshs_", "lora_adapter_metadata")
 
 
-def describe(source: TensorSource) -> dict[str, Any]:
-    """The adapter part of the inspect report."""
+def describe(source: TensorSource, fmt: str) -> dict[str, Any]:
+    """The adapter part of the inspect report, for an adapter ``detect`` found in format ``fmt``."""
     found = sorted({algo for name in source.tensors for suffix, algo in UNSUPPORTED.items()
                     if name.endswith("." + suffix)})
     report: dict[str, Any] = {"algorithms": found, "metadata": {k: v for k, v in source.metadata.items()
                                                                 if k.startswith(METADATA_PREFIXES)}}
     try:
-        adapter = parse(source, read_alphas(source))
+        adapter = parse(source, read_alphas(source), fmt)
     except FormatError as exc:
         report.update(mergeable=False, reason=exc.problem)
         return report

@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..detect import detect
 from ..dtypes import cast
 from ..errors import SdportError
-from ..families import FAMILIES
-from ..io import open_tensors
+from ..families import FAMILIES, Family
 from ..io.base import TensorSource
+from ..model import Model, open_model
+from .canonical import Out, computed
 from .names import is_attention
 from .resolve import Target, build_index
-from .rewrite import Out, check_format, computed, entries, write
+from .rewrite import check_format, entries, write
 from .svd import pick_rank, retained, spectrum, split
 
 
@@ -54,12 +54,13 @@ class Extracted:
         return out
 
 
-def _model(source: TensorSource) -> tuple[str, bool]:
-    found = detect(source.tensors, source.metadata)
-    if found.family not in FAMILIES or found.family == "lora":
-        raise SdportError(source.path, f"is not a full model sdport can pair modules of (found {found.family})",
+def _pairable(model: Model) -> tuple[Family, bool]:
+    """The model's family and whether it is in diffusers names; adapters and unknown models are refused."""
+    found = model.found
+    if found.family not in FAMILIES:
+        raise SdportError(model.path, f"is not a full model sdport can pair modules of (found {found.family})",
                           "extract takes a fine-tuned checkpoint and its base")
-    return found.family, source.format == "diffusers" or found.layout == "diffusers"
+    return FAMILIES[found.family], model.kind != "original"
 
 
 def _weight(source: TensorSource, t: Target) -> np.ndarray:
@@ -83,13 +84,14 @@ def extract(tuned: str, base: str, dst: str, *, rank: int = 32, energy: float | 
         raise SdportError(None, f"ranks must be ≥ 1 with min ≤ max (rank {rank}, min {min_rank}, max {max_rank})", None)
     if energy is not None and not 0 < energy <= 1:
         raise SdportError(None, f"--energy {energy} is not in (0, 1]", "e.g. --energy 0.9")
-    with open_tensors(tuned) as t, open_tensors(base) as b:
-        (family, t_diffusers), (base_family, b_diffusers) = _model(t), _model(b)
+    with open_model(tuned) as tm, open_model(base) as bm, TensorSource(tuned, "adapter", {}) as source:
+        (family, t_diffusers), (base_family, b_diffusers) = _pairable(tm), _pairable(bm)
         if family != base_family:
-            raise SdportError(tuned, f"is {family}, the base {base} is {base_family}", "extract from its own base")
-        ti = build_index(t, family, t_diffusers, aliases=False)
-        bi = build_index(b, family, b_diffusers, aliases=False)
-        result = Extracted(dst, family)
+            raise SdportError(tuned, f"is {family.name}, the base {base} is {base_family.name}",
+                              "extract from its own base")
+        ti = build_index(tm.source, family, t_diffusers, aliases=False)
+        bi = build_index(bm.source, family, b_diffusers, aliases=False)
+        result = Extracted(dst, family.name)
         outs = []
         for key, target in ti.items():
             if key.endswith("#bias") or len(target.shape) not in (2, 4) or "embeddings." in key or key not in bi:
@@ -97,12 +99,7 @@ def extract(tuned: str, base: str, dst: str, *, rank: int = 32, energy: float | 
             component, path = key.split(":", 1)
             if to == "diffusers-old" and not is_attention(path):
                 continue  # the old format holds attention projections only
-            tuned_w, base_w = _weight(t, target), _weight(b, bi[key])
-            if tuned_w.shape != base_w.shape:
-                raise SdportError(tuned, f"'{key}' is {list(tuned_w.shape)}, in the base {list(base_w.shape)}",
-                                  "extract from the model it was fine-tuned from (an inpainting model from "
-                                  "an inpainting base)")
-            d = tuned_w - base_w
+            d = _difference(tm.source, target, bm.source, bi[key], key)
             biggest = float(np.max(np.abs(d))) if d.size else 0.0
             result.largest[component] = max(result.largest.get(component, 0.0), biggest)
             if biggest <= min_diff:
@@ -111,17 +108,26 @@ def extract(tuned: str, base: str, dst: str, *, rank: int = 32, energy: float | 
             u, s, vh = spectrum(d.reshape(d.shape[0], -1))
             r = pick_rank(s, rank=rank, energy=energy, min_rank=min_rank, max_rank=max_rank)
             up, down, _ = split(u, s, vh, r)
-            factors = {"up": computed(up.reshape(d.shape[0], r, *([1] * (d.ndim - 2))), dtype),
-                       "down": computed(down.reshape(r, *d.shape[1:]), dtype)}
+            factors = {"up": computed(source, f"{key}.up", up.reshape(d.shape[0], r, *([1] * (d.ndim - 2))), dtype),
+                       "down": computed(source, f"{key}.down", down.reshape(r, *d.shape[1:]), dtype)}
             outs.append(Out(component, path, "lora", factors, float(r)))
             result.energy[key], result.ranks[key] = retained(s, r), r
         if not outs:
             raise SdportError(tuned, f"does not differ from {base} by more than {min_diff} anywhere",
                               "nothing to extract")
-        tensors, metadata = entries(outs, to, family, dtype)
+        tensors, metadata = entries(outs, to, family.name, dtype, source)
         info = {"ss_network_module": "networks.lora", "ss_network_dim": str(max(result.ranks.values())),
                 "ss_network_alpha": str(max(result.ranks.values())),
                 "sdport_extracted": json.dumps({"tuned": str(tuned), "base": str(base), "rank": rank,
                                                 "energy": energy})}
-        write(dst, tensors, {**info, **metadata}, force=force, inputs=[tuned, base])
+        write(dst, source, tensors, {**info, **metadata}, {}, force=force, protect=(tuned, base))
     return result
+
+
+def _difference(tuned: TensorSource, target: Target, base: TensorSource, base_target: Target, key: str) -> np.ndarray:
+    """tuned − base of one module's weight, in fp32."""
+    tuned_w, base_w = _weight(tuned, target), _weight(base, base_target)
+    if tuned_w.shape != base_w.shape:
+        raise SdportError(tuned.path, f"'{key}' is {list(tuned_w.shape)}, in the base {list(base_w.shape)}",
+                          "extract from the model it was fine-tuned from (an inpainting model from an inpainting base)")
+    return tuned_w - base_w

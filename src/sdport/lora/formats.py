@@ -7,6 +7,9 @@ LoKr ``lokr_*``, DoRA ``dora_scale``, (IA)³ ``weight``/``on_input``, full ``dif
 ``lora_magnitude_vector``, alphas from ``lora_adapter_metadata`` or per-module ``.alpha``), and the old
 diffusers attention-processor format (``….processor.to_q_lora.down.weight``). Algorithms sdport cannot
 merge (OFT, GLoRA) are refused by name, never skipped.
+
+``ADAPTERS`` is the one registry of adapter formats: their signatures (which ``detect`` scores beside the
+families') and, in ``PARSERS``, how each is read.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ..errors import FormatError, SdportError
+from ..families import FAMILIES, Signature
 from ..io.base import TensorSource
 
 KOHYA_COMPONENTS = {"lora_unet": "unet", "lycoris": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
@@ -29,7 +33,7 @@ OLD_TEXT = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out
 UNSUPPORTED = {"oft_blocks": "OFT", "oft_diag": "OFT", "a1.weight": "GLoRA", "b1.weight": "GLoRA"}
 
 #: cross-attention width of the base each family's LoRAs are trained on (attn2's to_k input)
-CROSS_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl-base", 1280: "sdxl-refiner"}
+CROSS_WIDTH = {f.cross_width: f.name for f in FAMILIES.values() if f.cross_width}
 
 #: kohya/LyCORIS tensor suffix → (algorithm, or None for parts any algorithm may carry; role in patches)
 ROLES = {"lora_up.weight": ("lora", "up"), "lora_down.weight": ("lora", "down"), "lora_mid.weight": ("lora", "mid"),
@@ -49,6 +53,26 @@ _PEFT = re.compile(r"(?:base_model\.model\.)?(?:(unet|text_encoder_2|text_encode
 #: MindOne's SD1/SD2 LoRA (MindSpore .ckpt): lora_down/lora_up on the original UNet paths, no alpha stored
 _MINDONE = re.compile(r"(model\.diffusion_model\.[^:]+)\.(lora_down|lora_up)\.weight")
 _SAFELORAS = re.compile(r"(unet|text_encoder):\d+:(up|down)")
+_LYCORIS = r".*\.(hada_w1_a|lokr_w1|lokr_w1_a|lokr_w2|on_input|diff|w_norm|b_norm|dora_scale|oft_blocks)(\.weight)?"
+_SPECIFIC = {
+    "lycoris": r"lycoris_.*",
+    "kohya": r"lora_(unet|te\d?)_.*\.(lora_down|lora_up)\.weight",
+    "mindone": r"model\.diffusion_model\..*\.(lora_down|lora_up|lora_A|lora_B)\.weight",
+    "peft": r".*\.lora_[AB](\.[A-Za-z_]+)?\.weight",
+    "diffusers-old": r".*\.processor\..*_lora\.(up|down)\.weight",
+    "cloneofsimo": _SAFELORAS.pattern,
+}
+#: adapter formats as detect sees them; of several that match, the one asking the most wins (kohya names
+#: with LyCORIS tensors are LyCORIS); ``unknown``: adapter-like names of no format sdport reads
+ADAPTERS: tuple[Signature, ...] = (
+    Signature("lora", "adapter", (r"(lora_unet|lora_te\d?)_.*", _LYCORIS), tag="lycoris"),
+    *(Signature("lora", "adapter", (rx,), tag=tag) for tag, rx in _SPECIFIC.items() if tag != "peft"),
+    Signature("lora", "adapter", (_SPECIFIC["peft"],), none_of=(r"model\.diffusion_model\..*",), tag="peft"),
+    Signature("lora", "adapter", (r".*[._](lora_down|lora_A|lora\.down|hada_w1_a|lokr_w1|lokr_w1_a)(\.[A-Za-z_]+)?"
+                                  r"(\.weight)?|(lora_unet|lora_te\d?|lycoris|oft_unet)_[^.]+\.(on_input|diff|diff_b"
+                                  r"|w_norm|b_norm|oft_blocks)",),
+              none_of=(_LYCORIS, *_SPECIFIC.values()), tag="unknown"),
+)
 PEFT_ROLES = {"lora_A.weight": "down", "lora_B.weight": "up", "lora_magnitude_vector": "magnitude",
               "lora_magnitude_vector.weight": "magnitude"}
 _ALPHA = re.compile(r"(?:base_model\.model\.)?(?:(unet|text_encoder_2|text_encoder)\.)?(.+)\.alpha")
@@ -120,8 +144,9 @@ class Adapter:
     alpha_keys: list[str]  # tensors folded into the scale (read at plan time)
 
 
-def parse(source: TensorSource, alphas: dict[str, float]) -> Adapter:
-    """The modules of an adapter file; ``alphas`` maps its ``.alpha`` (and ``.on_input``) tensors to their values."""
+def parse(source: TensorSource, alphas: dict[str, float], fmt: str) -> Adapter:
+    """The modules of an adapter file in format ``fmt`` (as ``detect`` named it); ``alphas`` maps its ``.alpha``
+    (and ``.on_input``) tensors to their values."""
     names = list(source.tensors)
     for name in names:
         leaf = name.rsplit(".", 2)
@@ -129,17 +154,17 @@ def parse(source: TensorSource, alphas: dict[str, float]) -> Adapter:
             if name.endswith("." + suffix) or leaf[-1] == suffix:
                 raise FormatError(source.path, f"uses {algo} (tensor '{name}'), which this version cannot merge",
                                   "LoRA/LoCon/Tucker, LoHa, LoKr, DoRA, (IA)³, full/diff and norm are merged")
-    if names and all(_SAFELORAS.fullmatch(n) or source.metadata.get(n) == "<embed>" for n in names):
+    if fmt == "cloneofsimo":
         raise FormatError(source.path, "is a cloneofsimo/lora 'safeloras' file, whose modules are numbered in the "
                           "order a 2022 diffusers built them, not named", "sdport does not guess that order; "
                           "load it with cloneofsimo/lora and save it with diffusers' save_lora_weights")
-    if any(_KOHYA.fullmatch(n) for n in names):
+    if fmt in ("kohya", "lycoris"):
         return _kohya(source, names, alphas)
-    if any(_OLD.fullmatch(n) for n in names):
+    if fmt == "diffusers-old":
         return _old_diffusers(source, names)
-    if names and all(_MINDONE.fullmatch(n) for n in names):
+    if fmt == "mindone" and all(_MINDONE.fullmatch(n) for n in names):
         return _mindone(source, names)
-    if any(_PEFT.fullmatch(n) for n in names):
+    if fmt in ("peft", "mindone"):  # MindOne's SDXL LoRAs are PEFT-shaped under the original UNet names
         return _peft(source, names, alphas)
     raise FormatError(source.path, "not a LoRA adapter sdport recognises",
                       "kohya (lora_unet_…), diffusers/PEFT (lora_A/lora_B) and old diffusers (…_lora.up) are read")
@@ -295,6 +320,7 @@ def base_family(source: TensorSource, adapter: Adapter) -> str:
         if m.component == "unet" and ("attn2_to_k" in m.name or "attn2.to_k" in m.name) and len(shape) == 2:
             base = CROSS_WIDTH.get(shape[1], "")
             break
-    if any(m.component == "text_encoder_2" for m in adapter.modules) and base != "sdxl-refiner":
-        base = "sdxl-base"
+    if any(m.component == "text_encoder_2" for m in adapter.modules) and not (base and FAMILIES[base].part(
+            "text_encoder_2")):  # two text encoders: the family that has both
+        base = next(f.name for f in FAMILIES.values() if f.part("text_encoder") and f.part("text_encoder_2"))
     return base

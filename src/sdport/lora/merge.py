@@ -10,15 +10,13 @@ user allows unmatched ones.
 
 from __future__ import annotations
 
-import math
-import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
 from ..errors import SdportError
-from ..families import PIPELINES
-from ..io import open_tensors
+from ..families import Family
 from ..io.base import TensorSource
+from ..model import Model
 from ..patches import Patch, fits
 from ..plan import Plan
 from .formats import Adapter, Module, base_family, module_kind, parse, read_alphas, scale
@@ -41,64 +39,45 @@ class AdapterReport:
                 + (f" ({parts})" if parts else "") + (f", {len(self.unmatched)} unmatched" if self.unmatched else ""))
 
 
-def parse_spec(spec: str) -> tuple[str, float]:
-    """``FILE[:RATIO]`` → (file, ratio); the ratio defaults to 1."""
-    path, sep, ratio = spec.rpartition(":")
-    if sep and path and not os.path.exists(spec):
-        try:
-            value = float(ratio)
-        except ValueError:
-            return spec, 1.0
-        if not math.isfinite(value):
-            raise SdportError(path, f"ratio {ratio!r} is not a finite number", "write FILE:0.8")
-        return path, value
-    return spec, 1.0
-
-
-def merge_adapters(plan: Plan, base: TensorSource, family: str, diffusers_layout: bool, specs: list[str], *,
-                   allow_unmatched: bool = False, read_as: dict[str, str] | None = None,
-                   default_alpha: float | None = None) -> tuple[TensorSource, list[AdapterReport]]:
-    """Attach every adapter in ``specs`` to ``plan`` as patches; returns the combined source to execute with.
+def merge_adapters(plan: Plan, source: TensorSource, family: Family, diffusers_layout: bool,
+                   adapters: list[tuple[Model, float]], *, allow_unmatched: bool = False,
+                   read_as: dict[str, str] | None = None, default_alpha: float | None = None) -> list[AdapterReport]:
+    """Attach every adapter (opened, with its ratio) to ``plan`` as patches; their tensors join ``source``.
 
     ``default_alpha`` is the alpha of modules whose file stores none (MindOne's LoRAs; the user says it).
-
     ``read_as`` maps a base weight to the tensor the plan reads in its place (``--ema``: its EMA copy),
     so the update lands on what is written.
     """
-    index = build_index(base, family, diffusers_layout)
-    combined = TensorSource(base.path, base.format, dict(base.tensors), dict(base.metadata), dict(base.non_tensors),
-                            base.root)
+    index = build_index(source, family, diffusers_layout)
     patches: dict[str, list[Patch]] = {}
     reports = []
-    for i, spec in enumerate(specs):
-        path, ratio = parse_spec(spec)
-        with open_tensors(path) as source:
-            adapter = parse(source, read_alphas(source))
-            trained_on = base_family(source, adapter)
-            if trained_on and family in PIPELINES and trained_on != family:
-                raise SdportError(path, f"is a LoRA for {trained_on}, the base is {family}",
-                                  "use a base of the family the LoRA was trained on")
-            names = {k: f"lora{i}:{k}" for k in source.tensors}
-            combined.tensors.update({names[k]: replace(v, name=names[k]) for k, v in source.tensors.items()})
-            plan.dropped.update({names[k]: "alpha or flag, read into the merge" for k in adapter.alpha_keys})
-            report = AdapterReport(path, adapter.format, ratio)
-            for module in adapter.modules:
-                found = _targets(index, module, read_as or {})
-                if found is None:
-                    report.unmatched.append(module.label)
-                    plan.dropped.update({names[f]: "unmatched LoRA module (--allow-unmatched)"
-                                         for f in module.factors.values()})
-                    continue
-                for target, roles in found:
-                    if module.alpha is None and default_alpha is not None:
-                        module.alpha = default_alpha
-                    patch = _patch(source, adapter, module, roles, target, names, ratio)
-                    patches.setdefault(target.tensor, []).append(patch)
-                report.applied[(module.component, module_kind(source, module))] += 1
-            _check_matches(adapter, report, family, allow_unmatched)
-            reports.append(report)
+    for i, (model, ratio) in enumerate(adapters):
+        tensors = model.source
+        adapter = parse(tensors, read_alphas(tensors), model.found.adapter_format)
+        trained_on = base_family(tensors, adapter)
+        if trained_on and family.whole and trained_on != family.name:
+            raise SdportError(model.path, f"is a LoRA for {trained_on}, the base is {family.name}",
+                              "use a base of the family the LoRA was trained on")
+        names = source.join(f"lora{i}:", tensors)
+        plan.dropped.update({names[k]: "alpha or flag, read into the merge" for k in adapter.alpha_keys})
+        report = AdapterReport(model.path, adapter.format, ratio)
+        for module in adapter.modules:
+            found = _targets(index, module, read_as or {})
+            if found is None:
+                report.unmatched.append(module.label)
+                plan.dropped.update({names[f]: "unmatched LoRA module (--allow-unmatched)"
+                                     for f in module.factors.values()})
+                continue
+            if module.alpha is None and default_alpha is not None:
+                module.alpha = default_alpha
+            for target, roles in found:
+                patch = _patch(tensors, adapter, module, roles, target, names, ratio)
+                patches.setdefault(target.tensor, []).append(patch)
+            report.applied[(module.component, module_kind(tensors, module))] += 1
+        _check_matches(adapter, report, family.name, allow_unmatched)
+        reports.append(report)
     _attach(plan, patches)
-    return combined, reports
+    return reports
 
 
 def _targets(index: dict[str, Target], module: Module, read_as: dict[str, str]

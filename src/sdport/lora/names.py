@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import re
 
-from ..families.unet import UNetLayout, name_map
+from ..families import FAMILIES
+from ..families.parts.unet import name_map
 
 WORDS = frozenset("""
 down_blocks up_blocks mid_block attentions resnets transformer_blocks attn1 attn2 to_q to_k to_v to_out ff net proj
@@ -24,13 +25,6 @@ text_projection
 """.split())
 _LONGEST = max(w.count("_") + 1 for w in WORDS)
 
-#: the released UNets' block structure (levels, resnets per level, attention per down/up level)
-LAYOUTS = {
-    "sd1": UNetLayout(4, 2, (True, True, True, False), (False, True, True, True)),
-    "sd2": UNetLayout(4, 2, (True, True, True, False), (False, True, True, True)),
-    "sdxl-base": UNetLayout(3, 2, (False, True, True), (True, True, False)),
-    "sdxl-refiner": UNetLayout(4, 2, (False, True, True, False), (False, True, True, False)),
-}
 SGM_ROOTS = ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out")
 
 
@@ -58,13 +52,13 @@ def unet_to_diffusers(path: str, family: str) -> str | None:
     """A UNet module path in diffusers names (SGM paths translated for the family); None if not a UNet module."""
     if path.split(".", 1)[0] not in SGM_ROOTS:
         return path
-    hit = name_map(LAYOUTS[family]).to_diffusers(path + ".weight")
+    hit = name_map(FAMILIES[family].unet_layout).to_diffusers(path + ".weight")
     return hit[0][: -len(".weight")] if hit else None
 
 
 def unet_to_sgm(path: str, family: str) -> str | None:
     """A diffusers UNet module path in SGM names, as kohya names SDXL modules; None if the table has no such module."""
-    hit = name_map(LAYOUTS[family]).to_ldm(path + ".weight")
+    hit = name_map(FAMILIES[family].unet_layout).to_ldm(path + ".weight")
     return hit[0][: -len(".weight")] if hit else None
 
 

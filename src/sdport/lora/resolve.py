@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..families import FAMILIES, Part
-from ..families.clip import hub_name
+from ..families import Family, Part
+from ..families.parts import part_links, part_shapes
+from ..families.parts.clip import hub_name
 from ..io.base import TensorSource
-from ..layouts import part_links, part_shapes
 
 PARAMS = (".weight", ".bias")
 
@@ -43,14 +43,13 @@ def _kohya_names(part: Part, diffusers_module: str, ldm_module: str | None) -> l
     return [f"{part.component}:{flat}", f"{part.component}:{flat.removeprefix('text_model_')}"]
 
 
-def build_index(source: TensorSource, family_name: str, diffusers_layout: bool, *, aliases: bool = True
+def build_index(source: TensorSource, family: Family, diffusers_layout: bool, *, aliases: bool = True
                 ) -> dict[str, Target]:
     """Every way an adapter can name a base weight → where that weight is.
 
     Keys are ``component:path`` — ``path`` a dotted diffusers module path or, with ``aliases``, also an
     underscored kohya name.
     """
-    family = FAMILIES[family_name]
     index: dict[str, Target] = {}
     for part in family.parts:
         if part.kind not in ("unet", "clip-l", "openclip"):

@@ -1,30 +1,101 @@
-"""The plan of an ONNX export: which graphs, which weights in them at which dtype, and the folder's other files.
+"""``--to onnx``: an ONNX export — which graphs, which weights in them at which dtype, and the folder's other files —
+or an existing export re-written with adapters blended in.
 
-Input is the plan of the same model as a diffusers folder (any source converts to that), so LoRA
-patches, casts and renames apply unchanged; each ONNX component's initializers are that plan's
-tensors under the same names, re-typed. The folder follows one of two layouts that load as they are:
-``diffusers`` (``OnnxStableDiffusionPipeline``, onnx-web) and ``optimum`` (``ORTStableDiffusion*``).
+An export starts from the plan of the same model as a diffusers folder (any input converts to that), so
+LoRA patches and renames apply unchanged; ``finish`` traces each ONNX component (``trace.onnx``, torch)
+and makes its initializers that plan's tensors under the same names, re-typed. The folder follows one
+of two layouts that load as they are: ``diffusers`` (``OnnxStableDiffusionPipeline``, onnx-web) and
+``optimum`` (``ORTStableDiffusion*``). Re-writing an export needs no torch: each graph keeps its bytes,
+its initializers are streamed anew from the plan.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from ..dtypes import BY_CODE
 from ..errors import SdportError
-from ..families.clip import hub_name
+from ..families import Family
 from ..families.configs import json_bytes
-from ..io.onnx import DATA_FILE_NAMES, needs_external
-from ..io.onnx_folder import NAME_MAP, owner
-from ..plan import OutputFile, OutputTensor, Plan
-from .onnx import OPSET, OPSETS, name_map, specs, trace
+from ..families.parts.clip import hub_name
+from ..io.diffusers import small_files
+from ..io.onnx import DATA_FILE_NAMES, needs_external, open_onnx, split_model
+from ..io.onnx_folder import NAME_MAP, folder_graphs, full_name, owner
+from ..model import Model
+from ..plan import OutputFile, OutputTensor, Plan, WriterSpec, derive, validate
+from ..request import ConvertRequest, OnnxOptions
+from ..trace.onnx import Spec
+from . import diffusers
 
-LAYOUTS = ("diffusers", "optimum")
+if TYPE_CHECKING:
+    from ..steps import Run
+
 #: the external data file name each layout's exporter uses (diffusers' script, Optimum)
 DATA_FILE = {"diffusers": DATA_FILE_NAMES[0], "optimum": DATA_FILE_NAMES[1]}
-ORT_CLASS = {"sd1": "ORTStableDiffusionPipeline", "sd2": "ORTStableDiffusionPipeline",
-             "sdxl-base": "ORTStableDiffusionXLPipeline", "sdxl-refiner": "ORTStableDiffusionXLImg2ImgPipeline"}
+
+
+def from_original(model: Model, request: ConvertRequest) -> Plan:
+    """An original file's plan as a diffusers folder, every part: ``--components`` picks ONNX components later."""
+    family = model.family()
+    _check_family(family, request)
+    return diffusers.from_original(model, request, components=tuple(p.component for p in family.parts))
+
+
+def from_diffusers(model: Model, request: ConvertRequest) -> Plan:
+    """A diffusers folder's own plan; ``finish`` exports it."""
+    _check_family(model.family(), request)
+    return diffusers.folder_plan(model)
+
+
+def _check_family(family: Family, request: ConvertRequest) -> None:
+    if not family.whole and family.name != "controlnet":
+        raise SdportError(None, f"ONNX export takes a whole pipeline or a ControlNet, not a lone {family.name}",
+                          "export a Stable Diffusion 1.x, 2.x or XL model")
+    if isinstance(request.options, OnnxOptions) and request.options.controlnet and not family.whole:
+        raise SdportError(None, "--controlnet adds the ControlNet UNet to a pipeline's export", "drop --controlnet")
+
+
+def rewrite(model: Model, request: ConvertRequest) -> Plan:
+    """The same ONNX folder, each graph unchanged, its initializers (patched by the LoRA step) streamed anew."""
+    diffusers.require_export(model, request, rewrite=True)
+    if isinstance(request.options, OnnxOptions) and request.options != OnnxOptions():
+        raise SdportError(model.path, "--layout, --vae-dtype, --opset and --controlnet shape an ONNX export",
+                          "an existing export is re-written as it is (LoRAs blended in)")
+    source = model.source
+    plan = Plan(files=[], extra=small_files(source.path))
+    for comp, g in folder_graphs(source.path).items():
+        head, graph = split_model(g.model)
+        # a weight read as a transposed view is written back as it was stored
+        tensors = [derive(initializer, None, source, (full_name(comp, g, initializer),),
+                          "transpose" if initializer in g.transposed else "identity")
+                   for initializer in open_onnx(g.model).tensors]
+        external = None
+        if needs_external(sum(t.slot().nbytes for t in tensors), head, graph):
+            data = {os.path.basename(source.tensors[t.inputs[0]].file) for t in tensors} - {"model.onnx"}
+            external = next((n for n in DATA_FILE_NAMES if n in data), DATA_FILE_NAMES[-1])
+        plan.files.append(OutputFile(f"{comp}/model.onnx", graph_writer(head, graph, external), tensors))
+    return plan
+
+
+def graph_writer(model: bytes, graph: bytes, external: str | None) -> WriterSpec:
+    """The writer of one graph: the model and its graph serialized without weights, and its external data file."""
+    return WriterSpec("onnx", {"model": model, "graph": graph, "external": external})
+
+
+def finish(plan: Plan, run: Run) -> Plan:
+    """The export of the diffusers plan (checked against its sources first: tracing takes a while); a re-written
+    export is final as it is."""
+    if run.model.kind == "onnx":
+        return plan
+    validate(plan, run.source, allow_unknown=run.request.allow_unknown)
+    options = run.request.options if isinstance(run.request.options, OnnxOptions) else OnnxOptions()
+    say = (lambda name: print(f"tracing {name}", file=sys.stderr)) if run.progress else None
+    return onnx_plan(plan, run.family(), options, dtype=run.request.dtype or "F32",
+                     components=run.request.components, progress=say)
 
 
 def _component_tensors(plan: Plan) -> dict[str, dict[str, OutputTensor]]:
@@ -48,12 +119,12 @@ def _configs(plan: Plan, components: list[str]) -> dict[str, dict]:
     return configs
 
 
-def onnx_plan(plan: Plan, family: str, *, layout: str = "diffusers", dtype: str = "F32", vae_dtype: str | None = None,
-              opset: int = OPSET, components: tuple[str, ...] | None = None, controlnet: bool = False,
-              progress=None) -> Plan:
+def onnx_plan(plan: Plan, family: Family, options: OnnxOptions, *, dtype: str = "F32",
+              components: tuple[str, ...] | None = None, progress=None) -> Plan:
     """The ONNX export of a diffusers-layout ``plan`` (validated against its source by the caller)."""
-    if layout not in LAYOUTS:
-        raise SdportError(None, f"unknown --layout {layout!r}", "use diffusers or optimum")
+    from ..trace.onnx import specs, trace
+
+    layout, vae_dtype, controlnet = options.layout, options.vae_dtype, options.controlnet
     tensors = _component_tensors(plan)
     weights = [c for c in ("text_encoder", "text_encoder_2", "unet", "vae", "") if c in tensors]
     configs = _configs(plan, weights)
@@ -69,18 +140,15 @@ def onnx_plan(plan: Plan, family: str, *, layout: str = "diffusers", dtype: str 
             raise SdportError(None, f"--components: {', '.join(sorted(unknown))} not in this model",
                               "choose from " + ", ".join(s.name for s in chosen))
         chosen = [s for s in chosen if s.name in components or s.name == "cnet" and "unet" in components]
-    for want in (dtype, vae_dtype or dtype):
-        if want not in ("F32", "F16"):
-            raise SdportError(None, f"ONNX export in {want}", "use --dtype and --vae-dtype fp32 or fp16")
-    if opset not in OPSETS:
-        raise SdportError(None, f"opset {opset}", f"use {OPSETS.start} to {OPSETS.stop - 1}")
+    if dtype not in ("F32", "F16"):
+        raise SdportError(None, f"ONNX export in {dtype}", "use --dtype fp32 or fp16")
     out = Plan(files=[], dropped=dict(plan.dropped))
     used: set[str] = set()
     for spec in chosen:
         if progress:
             progress(spec.name)
         want = (vae_dtype or dtype) if spec.weights == "vae" else dtype
-        traced = trace(spec, configs[spec.weights], opset=opset, fp16=want == "F16", fp16_io=dtype == "F16")
+        traced = trace(spec, configs[spec.weights], opset=options.opset, fp16=want == "F16", fp16_io=dtype == "F16")
         # a text encoder's names with or without transformers' ``text_model.`` (the module's and the file's may differ)
         norm = hub_name if spec.weights.startswith("text_encoder") else (lambda n: n)
         have = {norm(k): t for k, t in tensors[spec.weights].items()}
@@ -96,9 +164,9 @@ def onnx_plan(plan: Plan, family: str, *, layout: str = "diffusers", dtype: str 
             used.add(f"{spec.weights}/{t.name}")
         big = needs_external(sum(t.slot().nbytes for t in typed), traced.model, traced.graph)
         external = DATA_FILE[layout] if big else None
-        out.files.append(OutputFile(f"{spec.name}/model.onnx", "onnx", typed,
-                                    onnx=(traced.model, traced.graph, external)))
-        out.extra[f"{spec.name}/{NAME_MAP}"] = name_map(spec, params, {t.name: t.dtype for t in typed})
+        out.files.append(OutputFile(f"{spec.name}/model.onnx", graph_writer(traced.model, traced.graph, external),
+                                    typed))
+        out.extra[f"{spec.name}/{NAME_MAP}"] = _name_map(spec, params, {t.name: t.dtype for t in typed})
     for component, named in tensors.items():
         for name, t in named.items():
             if f"{component}/{name}" not in used:
@@ -110,7 +178,7 @@ def onnx_plan(plan: Plan, family: str, *, layout: str = "diffusers", dtype: str 
     return out
 
 
-def layout_files(plan: Plan, family: str, layout: str, components: list[str], configs: dict[str, dict]
+def layout_files(plan: Plan, family: Family, layout: str, components: list[str], configs: dict[str, dict]
                  ) -> dict[str, bytes]:
     """model_index.json, the scheduler, tokenizers and (optimum) component configs of the export folder."""
     files = {k: v for k, v in plan.extra.items() if k.startswith(("scheduler/", "tokenizer"))}
@@ -125,7 +193,7 @@ def layout_files(plan: Plan, family: str, layout: str, components: list[str], co
                "scheduler": scheduler, **tokenizers,
                **{c: ["diffusers", "OnnxRuntimeModel"] for c in components}}
     else:
-        doc = {"_class_name": ORT_CLASS.get(family, "ORTStableDiffusionPipeline"), "_diffusers_version": "0.39.0",
+        doc = {"_class_name": family.ort_class, "_diffusers_version": "0.39.0",
                "scheduler": scheduler, **tokenizers, **{c: ["diffusers", "OnnxRuntimeModel"] for c in components}}
     for c in components:  # optimum reads them; sdport reads them to convert the export back
         config = configs[owner(c)]
@@ -150,3 +218,11 @@ def _slow_tokenizer(files: dict[str, bytes], folder: str) -> dict[str, bytes]:
         raise SdportError(f"{folder}/tokenizer.json", "not a BPE tokenizer", "give the model a CLIP tokenizer") from exc
     merges_txt = "#version: 0.2\n" + "\n".join(lines) + "\n"
     return {f"{folder}/vocab.json": json_bytes(vocab), f"{folder}/merges.txt": merges_txt.encode()}
+
+
+def _name_map(spec: Spec, params: dict[str, str], dtypes: dict[str, str]) -> bytes:
+    """The name map (``sdport-names.json``): initializer ↔ the diffusers parameter it holds, never transposed."""
+    tensors = {n: {"param": p, "component": spec.weights or spec.name, "transpose": False, "dtype": dtypes[n]}
+               for n, p in params.items()}
+    doc = {"format": "sdport-onnx-names", "version": 1, "component": spec.name, "tensors": tensors}
+    return (json.dumps(doc, indent=1) + "\n").encode()

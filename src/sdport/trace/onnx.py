@@ -11,14 +11,13 @@ conversion plan into an initializer of the same name. One module exists at a tim
 from __future__ import annotations
 
 import io
-import json
 import warnings
 from dataclasses import dataclass, field
 
-from ..errors import SdportError
+from ..errors import MissingExtraError, SdportError
 from ..io.onnx import ONNX_TYPES
+from ..request import OPSET
 
-OPSET = 17
 #: ops an fp16 graph still computes in fp32 (casts around them): normalisations, whose sums of squares overflow
 #: fp16's 65504, softmax and the pieces of decomposed norms
 FP32_OPS = ["InstanceNormalization", "LayerNormalization", "GroupNormalization", "ReduceMean", "Pow", "Sqrt",
@@ -26,7 +25,6 @@ FP32_OPS = ["InstanceNormalization", "LayerNormalization", "GroupNormalization",
 #: modules an fp16 graph still runs in fp32 whole: the sinusoidal embeddings of the timestep and of SDXL's time ids
 #: (diffusers computes them in fp32 in fp16 models too; in fp16 a timestep of 999 is off by up to 0.25 rad)
 FP32_MODULES = ("/time_proj/", "/add_time_proj/")
-OPSETS = range(14, 21)  # scaled_dot_product_attention needs 14; torch's TorchScript exporter stops at 20
 
 
 @dataclass
@@ -58,7 +56,7 @@ def _torch():
     missing = [m for m in ("torch", "onnx", "onnxruntime", "diffusers", "transformers")
                if importlib.util.find_spec(m) is None]
     if missing:
-        raise SdportError(None, f"ONNX export needs {', '.join(missing)}", "pip install 'sdport[onnx]'")
+        raise MissingExtraError("ONNX export", "onnx", missing)
     import torch
 
     return torch
@@ -292,11 +290,3 @@ def _version() -> str:
     from importlib.metadata import version
 
     return version("sdport")
-
-
-def name_map(spec: Spec, params: dict[str, str], dtypes: dict[str, str]) -> bytes:
-    """The name map (``sdport-names.json``): initializer ↔ the diffusers parameter it holds, never transposed."""
-    tensors = {n: {"param": p, "component": spec.weights or spec.name, "transpose": False, "dtype": dtypes[n]}
-               for n, p in params.items()}
-    doc = {"format": "sdport-onnx-names", "version": 1, "component": spec.name, "tensors": tensors}
-    return (json.dumps(doc, indent=1) + "\n").encode()

@@ -32,6 +32,10 @@ HINT = [("input_hint_block.0", "controlnet_cond_embedding.conv_in"),
         ("middle_block_out.0", "controlnet_mid_block")]
 
 
+#: the head layout of a UNet alone that projects attention with 1×1 convs: SD1's, 8 heads everywhere
+CONV_HEADS = ("count", 8)
+
+
 @dataclass(frozen=True)
 class UNetLayout:
     """How many levels, resnets per level, and which down/up levels carry attention."""

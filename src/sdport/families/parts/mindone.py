@@ -15,15 +15,23 @@ MindOne keeps the original prefixes and block numbering. What differs:
 - no scheduler buffers, EMA copies or ``position_ids``.
 
 The rules are ``Pattern`` rows read in both directions (first match wins); names no rule matches
-keep their name. ``to_mindone`` names one original tensor (None: not in MindOne files);
-``from_mindone`` the reverse.
+keep their name. This module holds the rows every family shares and the builders of text-encoder
+rows; each family's ``MindOneRules`` (in its own module) says which apply. ``to_mindone`` names one
+original tensor (None: not in MindOne files); ``from_mindone`` the reverse.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
+from ...errors import FormatError
+from ...io.base import TensorInfo, TensorSource
 from .names import Pattern, translate
+
+if TYPE_CHECKING:
+    from ..base import MindOneRules
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -59,13 +67,13 @@ VAE_RULES = tuple(_norms("{rest}.", ("norm", "norm{i}", "norm_out")))
 TEXT = "cond_stage_model.transformer."
 HF_TEXT = TEXT + "text_model."
 _MS_LAYER = TEXT + "transformer_layer.resblocks.{i}."
-#: MindOne's SD1/SD2 text encoder (one class for both), by role; ``_text_rules`` pairs them with a family's names
+#: MindOne's SD1/SD2 text encoder (one class for both), by role; ``text_rules`` pairs them with a family's names
 _MS_TEXT = {"token": TEXT + "embedding_table", "position": TEXT + "positional_embedding", "ln_final": TEXT + "ln_final",
             "ln_1": _MS_LAYER + "ln_1", "ln_2": _MS_LAYER + "ln_2", "in_proj": _MS_LAYER + "attn.attn.in_proj",
             "out_proj": _MS_LAYER + "attn.attn.out_proj", "c_fc": _MS_LAYER + "c_fc", "c_proj": _MS_LAYER + "c_proj"}
 
 
-def _text_rules(original: dict[str, str]) -> tuple[Pattern, ...]:
+def text_rules(original: dict[str, str]) -> tuple[Pattern, ...]:
     """Rows from a family's text-encoder names by role: embeddings whole, norms to gamma/beta, in_proj (OpenCLIP's
     ``in_proj_weight``/``in_proj_bias``) to weight/bias, linear layers param for param."""
     out = []
@@ -82,25 +90,14 @@ def _text_rules(original: dict[str, str]) -> tuple[Pattern, ...]:
     return tuple(out)
 
 
-_HF_LAYER = HF_TEXT + "encoder.layers.{i}."
-SD1_TEXT = _text_rules({
-    "token": HF_TEXT + "embeddings.token_embedding.weight",
-    "position": HF_TEXT + "embeddings.position_embedding.weight",
-    "ln_final": HF_TEXT + "final_layer_norm", "ln_1": _HF_LAYER + "layer_norm1", "ln_2": _HF_LAYER + "layer_norm2",
-    "c_fc": _HF_LAYER + "mlp.fc1", "c_proj": _HF_LAYER + "mlp.fc2", "out_proj": _HF_LAYER + "self_attn.out_proj"})
+HF_LAYER = HF_TEXT + "encoder.layers.{i}."
 #: SD1's q, k, v (original names, per layer and param) fused into MindOne's in_proj, in this row order
 SD1_FUSED = re.compile(re.escape(HF_TEXT) + r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
 QKV = ("q", "k", "v")
 
-_OC = "cond_stage_model.model."
-_OC_LAYER = _OC + "transformer.resblocks.{i}."
-SD2_TEXT = _text_rules({
-    "token": _OC + "token_embedding.weight", "position": _OC + "positional_embedding", "ln_final": _OC + "ln_final",
-    "ln_1": _OC_LAYER + "ln_1", "ln_2": _OC_LAYER + "ln_2", "in_proj": _OC_LAYER + "attn.in_proj",
-    "out_proj": _OC_LAYER + "attn.out_proj", "c_fc": _OC_LAYER + "mlp.c_fc", "c_proj": _OC_LAYER + "mlp.c_proj"})
 
-
-def _sgm_text(prefix: str, openclip: bool) -> tuple[Pattern, ...]:
+def sgm_text_rules(prefix: str, openclip: bool) -> tuple[Pattern, ...]:
+    """Rows of an SDXL text encoder under ``prefix``: only norms and embeddings are renamed."""
     if openclip:
         return (Pattern(prefix + "token_embedding.weight", prefix + "token_embedding.embedding_table"),
                 *_norms(prefix, ("ln_final",)), *_norms(prefix + "transformer.resblocks.{i}.", ("ln_{j}",)))
@@ -110,25 +107,18 @@ def _sgm_text(prefix: str, openclip: bool) -> tuple[Pattern, ...]:
             *_norms(hf, ("final_layer_norm",)), *_norms(hf + "encoder.layers.{i}.", ("layer_norm{j}",)))
 
 
-SDXL_TEXT = {"sdxl-base": (*_sgm_text("conditioner.embedders.0.transformer.", False),
-                           *_sgm_text("conditioner.embedders.1.model.", True)),
-             "sdxl-refiner": _sgm_text("conditioner.embedders.0.model.", True)}
 #: in no MindOne file: the schedule buffers, EMA copies and position ids of the original files
-#: (SD2: MindOne keeps OpenCLIP-H's first 23 layers, the ones SD2 uses, and not its projection)
-NOT_IN_MINDONE = re.compile(r"(betas|alphas_cumprod.*|alphas_cumprod_prev|sqrt_.*|log_one_minus_.*|posterior_.*"
-                            r"|model_ema\..*|.*\.position_ids|cond_stage_model\.model\.(text_projection|logit_scale)"
-                            r"|cond_stage_model\.model\.transformer\.resblocks\.(2[3-9]|[3-9]\d|\d{3,})\..*)")
+NOT_IN_MINDONE = (r"betas|alphas_cumprod.*|alphas_cumprod_prev|sqrt_.*|log_one_minus_.*|posterior_.*"
+                  r"|model_ema\..*|.*\.position_ids")
 
 
-def _tables(family: str) -> list[tuple[str, tuple[Pattern, ...]]]:
+def _tables(rules: MindOneRules) -> list[tuple[str, tuple[Pattern, ...]]]:
     """(prefix, patterns) per part; patterns of text encoders carry their full names (prefix "")."""
-    ldm = family in ("sd1", "sd2")
-    text = {"sd1": SD1_TEXT, "sd2": SD2_TEXT}.get(family) or SDXL_TEXT[family]
-    return [(UNET, LDM_UNET if ldm else SGM_UNET), (VAE, VAE_RULES), ("", text)]
+    return [(UNET, LDM_UNET if rules.style == "ldm" else SGM_UNET), (VAE, VAE_RULES), ("", rules.text)]
 
 
-def _translate(name: str, family: str, side: int) -> str:
-    for prefix, patterns in _tables(family):
+def _translate(name: str, rules: MindOneRules, side: int) -> str:
+    for prefix, patterns in _tables(rules):
         if not name.startswith(prefix):
             continue
         hit = translate(patterns, name[len(prefix):], side)
@@ -137,14 +127,15 @@ def _translate(name: str, family: str, side: int) -> str:
     return name
 
 
-def to_mindone(name: str, family: str) -> str | None:
+def to_mindone(name: str, rules: MindOneRules) -> str | None:
     """The MindOne name of an original tensor; None when MindOne files do not hold it."""
-    return None if NOT_IN_MINDONE.fullmatch(name) else _translate(name, family, 0)
+    held = re.fullmatch(NOT_IN_MINDONE, name) is None and not (rules.not_held and re.fullmatch(rules.not_held, name))
+    return _translate(name, rules, 0) if held else None
 
 
-def from_mindone(name: str, family: str) -> str:
+def from_mindone(name: str, rules: MindOneRules) -> str:
     """The original name of a MindOne tensor (SD1's fused ``in_proj`` keeps its MindOne name: see ``SD1_FUSED``)."""
-    return _translate(name, family, 1)
+    return _translate(name, rules, 1)
 
 
 def fused_name(layer: str, param: str) -> str:
@@ -152,12 +143,51 @@ def fused_name(layer: str, param: str) -> str:
     return f"{TEXT}transformer_layer.resblocks.{layer}.attn.attn.in_proj.{param}"
 
 
-def is_mindone(names: list[str]) -> str | None:
-    """``ldm`` (SD1/SD2) or ``sgm`` (SDXL) when the names are MindOne's, else None."""
-    joined = set(names)
-    if any(n.startswith(UNET) and n.endswith((".in_layers_norm.gamma", ".in_layers_conv.conv.weight"))
-           for n in joined) or TEXT + "embedding_table" in joined:
-        return "ldm"
-    if any(n.endswith((".gamma", ".embedding_table")) and n.startswith((UNET, "conditioner.", VAE)) for n in joined):
-        return "sgm"
-    return None
+#: CLIP-L's token embedding under the name a stored mindspore_key_base.yaml gives it by mistake
+TYPO = "conditioner.embedders.1.model.token_embedding..embedding_table"
+
+
+def view(source: TensorSource, rules: MindOneRules) -> TensorSource:
+    """A MindOne checkpoint under the original names (``rules``: its family's), SD1's fused ``in_proj`` as its q, k, v
+    row blocks — byte ranges of the file, nothing copied — so conversions, inspection and merges work on it
+    unchanged."""
+    tensors: dict[str, TensorInfo] = {}
+    dropped = {}
+    for name, info in source.tensors.items():
+        if name.endswith(".position_ids"):  # saved from a MindOne network: not a weight
+            dropped[name] = "position ids (not a weight)"
+            continue
+        if name == TYPO and info.shape[:1] == (49408,):
+            name = "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.embedding_table"
+        fused = _fused(name) if rules.fused_qkv else None
+        if fused is not None:
+            for k, q in enumerate(QKV):
+                _put(tensors, source, f"{HF_TEXT}encoder.layers.{fused[0]}.self_attn.{q}_proj.{fused[1]}",
+                     _rows(source, info, k))
+            continue
+        _put(tensors, source, from_mindone(name, rules), info)
+    return TensorSource(path=source.path, format=source.format, tensors=tensors, metadata=dict(source.metadata),
+                        non_tensors={**source.non_tensors, **dropped})
+
+
+def _fused(name: str) -> tuple[str, str] | None:
+    prefix = TEXT + "transformer_layer.resblocks."
+    if not name.startswith(prefix) or ".attn.attn.in_proj." not in name:
+        return None
+    layer, _, param = name[len(prefix):].partition(".attn.attn.in_proj.")
+    return (layer, param) if layer.isdigit() and param in ("weight", "bias") else None
+
+
+def _rows(source: TensorSource, info: TensorInfo, k: int) -> TensorInfo:
+    """Row block k of 3 of a fused tensor, as its own byte range."""
+    if not info.contiguous or not info.shape or info.shape[0] % 3:
+        raise FormatError(source.path, f"'{info.name}' {list(info.shape)} is not three row blocks",
+                          "the text encoder's in_proj is damaged")
+    size = info.nbytes // 3
+    return replace(info, shape=(info.shape[0] // 3, *info.shape[1:]), offset=info.offset + k * size, nbytes=size)
+
+
+def _put(tensors: dict[str, TensorInfo], source: TensorSource, name: str, info: TensorInfo) -> None:
+    if name in tensors:
+        raise FormatError(source.path, f"two tensors map to '{name}'", "the checkpoint mixes naming schemes")
+    tensors[name] = replace(info, name=name)

@@ -1,0 +1,67 @@
+"""The ``sdport`` command: the group every verb's module (``inspect``, ``convert``, ``lora``, ``demo``) adds to, and
+``main``, which turns errors into one line and an exit status.
+
+Exit status: 0 success, 2 bad input or refused output, 1 internal error, 130 Ctrl-C, 143 SIGTERM.
+The verbs' modules only parse options and print; the work is the public API's.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import click
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised so that every ``finally`` (temp file removal) runs."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sdport")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Inspect and convert Stable Diffusion weights between every format, streaming and offline."""
+    ctx.obj = {"debug": debug}
+
+
+from . import convert, demo, inspect, lora  # noqa: E402,F401 - each verb adds itself to the group
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    from ..errors import SdportError
+
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        cli.main(args=argv, prog_name="sdport", standalone_mode=False)
+    except SdportError as exc:
+        if debug:
+            raise
+        click.echo(f"sdport: error: {exc.message()}", err=True)
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("sdport: interrupted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("sdport: interrupted", err=True)
+        return 130
+    except _Terminated:
+        click.echo("sdport: terminated", err=True)
+        return 143
+    except Exception as exc:  # noqa: BLE001 - the one place that reports bugs
+        if debug:
+            raise
+        click.echo(f"sdport: error: internal error: {type(exc).__name__}: {exc} (rerun with --debug "
+                   "and report it)", err=True)
+        return 1
+    return 0

@@ -1,0 +1,72 @@
+"""``sdport convert``: options in, a ``ConvertRequest`` built from them, the result's summary and report out."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from . import cli
+
+
+@cli.command("convert")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--to", type=click.Choice(["single-file", "diffusers", "mindspore", "onnx"]),
+              help="Output layout (default: from DST); mindspore: a MindOne .ckpt, fp32 unless --dtype; onnx: a "
+                   "folder of ONNX graphs (fp32 unless --dtype).")
+@click.option("--dtype", default="keep", type=click.Choice(["keep", "fp32", "fp16", "bf16"]), show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "ckpt", "mindspore"]),
+              help="Single-file format (default: from DST's suffix; .ckpt is PyTorch's).")
+@click.option("--crc", is_flag=True,
+              help="MindSpore outputs: append the crc_num trailer load_checkpoint(crc_check=True) verifies.")
+@click.option("--ema", is_flag=True, help="Convert the UNet's EMA copy instead of its plain weights.")
+@click.option("--components", help="Only these parts, comma-separated: unet,vae,text_encoder,text_encoder_2 "
+              "(ONNX: vae_encoder,vae_decoder for the VAE).")
+@click.option("--layout", "onnx_layout", type=click.Choice(["diffusers", "optimum"]),
+              help="ONNX folder layout: diffusers (OnnxStableDiffusionPipeline, onnx-web; the default) or optimum "
+                   "(ORT pipelines).")
+@click.option("--vae-dtype", type=click.Choice(["fp32", "fp16"]), help="ONNX: the VAE's dtype (fp16 can overflow).")
+@click.option("--opset", type=click.IntRange(14, 20), help="ONNX opset (default 17).")
+@click.option("--controlnet", is_flag=True, help="ONNX: add cnet/, the UNet taking a ControlNet's residuals.")
+@click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]),
+              help="What the UNet predicts, where the file cannot tell (SD2-base 512: epsilon).")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:RATIO]",
+              help="Merge this adapter (kohya, diffusers/PEFT, old diffusers); repeat for more.")
+@click.option("--allow-unmatched", is_flag=True, help="Merge what matches when some adapter modules match no weight.")
+@click.option("--lora-alpha", type=float, help="Alpha of adapters whose file stores none (MindOne); default: rank.")
+@click.option("--base", help="A whole model the input's parts go into (a fine-tuned UNet into a full file).")
+@click.option("--allow-unknown", is_flag=True, help="Copy tensors no rule knows instead of refusing.")
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+@click.option("--report", is_flag=True, help="List every input entry left out, with the reason.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def convert_cmd(src: str, dst: str, to: str | None, dtype: str, fmt: str | None, crc: bool, ema: bool,
+                components: str | None, onnx_layout: str | None, vae_dtype: str | None, opset: int | None,
+                controlnet: bool, prediction_type: str | None, loras: tuple[str, ...], allow_unmatched: bool,
+                lora_alpha: float | None, base: str | None, allow_unknown: bool, force: bool, report: bool,
+                quiet: bool) -> None:
+    """Convert SRC to DST (another format, layout or dtype), streaming, atomically."""
+    # sdport's own workers compute LoRA updates; OpenBLAS's pool on top of them only spins (2× the CPU time of a
+    # merge on two cores). numpy is not imported yet here; a user's explicit setting wins.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    from ..api import run
+    from ..request import ConvertRequest
+
+    request = ConvertRequest.build(src, dst, to=to, dtype=dtype, format=fmt, ema=ema, components=components,
+                                   prediction_type=prediction_type, loras=loras, allow_unmatched=allow_unmatched,
+                                   lora_alpha=lora_alpha, base=base, allow_unknown=allow_unknown, force=force,
+                                   onnx_layout=onnx_layout, vae_dtype=vae_dtype, opset=opset, controlnet=controlnet,
+                                   crc=crc)
+    result = run(request, progress=not quiet)
+    if not quiet:
+        click.echo(f"wrote {result.output}: {result.tensors} tensors, {result.bytes:,} bytes"
+                   + (f", {len(result.dropped)} entries left out" if result.dropped else ""), err=True)
+    if report:
+        for adapter in result.adapters:
+            click.echo(f"lora {adapter.line()}")
+            for label in adapter.unmatched:
+                click.echo(f"  unmatched {label}")
+        for name, why in result.dropped.items():
+            click.echo(f"dropped {name}: {why}")
+        for name in result.unknown:
+            click.echo(f"unknown {name}: copied unchanged (--allow-unknown)")

@@ -1,0 +1,35 @@
+"""Which of a family's parts a request writes (``--components``), where each is in the input, and the metadata
+that travels with them — shared by the targets that translate between layouts."""
+
+from __future__ import annotations
+
+from ..errors import SdportError
+from ..families import Family, Part
+from ..families.parts import Shapes, part_shapes
+from ..io.base import TensorSource
+
+
+def chosen_parts(family: Family, components: tuple[str, ...] | None) -> list[Part]:
+    """The family's parts, or those ``--components`` names (each must be one of the family's)."""
+    if components is None:
+        return list(family.parts)
+    unknown = set(components) - {p.component for p in family.parts}
+    if unknown:
+        raise SdportError(None, f"--components: {', '.join(sorted(unknown))} not in a {family.name} model",
+                          "choose from " + ", ".join(p.component for p in family.parts))
+    return [p for p in family.parts if p.component in components]
+
+
+def required_shapes(source: TensorSource, family: Family, part: Part, diffusers_layout: bool, where: str
+                    ) -> tuple[str, Shapes]:
+    """``part``'s prefix and shapes in ``source``; its absence is an error naming the flag that leaves it out."""
+    found = part_shapes(source, family, part, diffusers_layout)
+    if found is None:
+        raise SdportError(source.path, f"no {part.component} weights in this {where}",
+                          f"pass --components without {part.component}")
+    return found
+
+
+def modelspec(source: TensorSource) -> dict[str, str]:
+    """The ``modelspec.*`` metadata (architecture, prediction type …), carried across layouts."""
+    return {k: v for k, v in source.metadata.items() if k.startswith("modelspec.")}
