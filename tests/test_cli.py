@@ -146,7 +146,7 @@ def test_internal_errors_exit_1_with_a_hint(monkeypatch, capsys, demo_ckpt) -> N
     from sdport import cli
     from sdport import inspection as inspect_mod
 
-    monkeypatch.setattr(inspect_mod, "inspect", lambda s: 1 / 0)
+    monkeypatch.setattr(inspect_mod, "inspect", lambda s, **options: 1 / 0)
     assert cli.main(["inspect", demo_ckpt]) == 1
     err = capsys.readouterr().err
     assert err.startswith("sdport: error: internal error: ZeroDivisionError") and "--debug" in err

@@ -9,6 +9,7 @@ loaded from its module (``api``, ``request``, ``io``, ``lora``) on first use, wi
     >>> sdport.export_onnx("model.safetensors", "model-onnx", dtype="fp16", vae_dtype="fp32")
     >>> sdport.merge_loras("model.safetensors", "merged", ["style.safetensors:0.8"])
     >>> sdport.lora.convert("style.safetensors", "style-peft.safetensors", to="peft")
+    >>> sdport.resolve("civitai://6266?type=Pruned%20Model&format=SafeTensor")   # fetched once, verified
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (
     FormatError,
+    HashMismatchError,
     MissingExtraError,
     OutputError,
     PlanError,
     SdportError,
+    SourceError,
     SourceNotFoundError,
     UnknownKeyError,
     UnsafeFileError,
@@ -32,15 +35,16 @@ if TYPE_CHECKING:
     from .api import ConvertResult, convert, export_onnx, inspect, merge_loras, run
     from .io import open_tensors
     from .request import ConvertRequest, LoraSpec, MindOneOptions, OnnxOptions, SingleFileOptions
+    from .sources import resolve
 
-__all__ = ["ConvertRequest", "ConvertResult", "FormatError", "LoraSpec", "MindOneOptions", "MissingExtraError",
-           "OnnxOptions", "OutputError", "PlanError", "SdportError", "SingleFileOptions", "SourceNotFoundError",
-           "UnknownKeyError", "UnsafeFileError", "convert", "export_onnx", "inspect", "lora", "merge_loras",
-           "open_tensors", "run"]
+__all__ = ["ConvertRequest", "ConvertResult", "FormatError", "HashMismatchError", "LoraSpec", "MindOneOptions",
+           "MissingExtraError", "OnnxOptions", "OutputError", "PlanError", "SdportError", "SingleFileOptions",
+           "SourceError", "SourceNotFoundError", "UnknownKeyError", "UnsafeFileError", "convert", "export_onnx",
+           "inspect", "lora", "merge_loras", "open_tensors", "resolve", "run"]
 
 _WHERE = {"convert": ".api", "export_onnx": ".api", "inspect": ".api", "merge_loras": ".api", "run": ".api",
           "ConvertResult": ".api", "ConvertRequest": ".request", "LoraSpec": ".request", "OnnxOptions": ".request",
-          "MindOneOptions": ".request", "SingleFileOptions": ".request", "open_tensors": ".io"}
+          "MindOneOptions": ".request", "SingleFileOptions": ".request", "open_tensors": ".io", "resolve": ".sources"}
 
 
 def __getattr__(name: str) -> Any:

@@ -15,8 +15,9 @@ from typing import Any
 from .execute import execute
 from .lora.merge import AdapterReport
 from .model import open_model
-from .plan import validate
+from .plan import Plan, validate
 from .request import ConvertRequest, LoraSpec
+from .sources import Resolved, locate
 from .steps import Run, apply
 from .targets import route
 
@@ -52,13 +53,14 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, dtype: str =
             loras: list[str | LoraSpec] | tuple[str | LoraSpec, ...] = (), allow_unmatched: bool = False,
             lora_alpha: float | None = None, base: PathLike | None = None, allow_unknown: bool = False,
             onnx_layout: str | None = None, vae_dtype: str | None = None, opset: int | None = None,
-            controlnet: bool = False, crc: bool = False, force: bool = False, progress: bool = False
-            ) -> ConvertResult:
+            controlnet: bool = False, crc: bool = False, variant: str | None = None, force: bool = False,
+            progress: bool = False) -> ConvertResult:
     """Convert a model file or folder to another layout, format or dtype, merging adapters on the way.
 
     Args:
         src: a weights file (safetensors, ``.ckpt``/``.pt``/``.bin``, MindSpore ``.ckpt``), a diffusers folder or
-            an ONNX export's folder.
+            an ONNX export's folder — or any source ``sdport.resolve`` takes (Hub repo, ``civitai://``, URL);
+            ``loras`` and ``base`` too.
         dst: the output path; its suffix chooses ``to`` and ``format`` when those are not given.
         to: ``single-file``, ``diffusers``, ``mindspore`` (MindOne names) or ``onnx``.
         dtype: ``keep``, ``fp32``, ``fp16`` or ``bf16`` (float tensors only).
@@ -77,6 +79,7 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, dtype: str =
         opset: ONNX only: the opset of the graphs (14–20, default 17).
         controlnet: ONNX only: add ``cnet``, the UNet taking a ControlNet's residuals (onnx-web's layout).
         crc: MindSpore outputs only: append the ``crc_num`` trailer ``load_checkpoint(crc_check=True)`` checks.
+        variant: read a diffusers folder's (or Hub repo's) weights of this variant (``fp16``).
         force: replace an existing output.
         progress: show a progress bar on a terminal.
 
@@ -95,24 +98,36 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, dtype: str =
                                    prediction_type=prediction_type, loras=loras, allow_unmatched=allow_unmatched,
                                    lora_alpha=lora_alpha, base=base, allow_unknown=allow_unknown, force=force,
                                    onnx_layout=onnx_layout, vae_dtype=vae_dtype, opset=opset, controlnet=controlnet,
-                                   crc=crc)
+                                   crc=crc, variant=variant)
     return run(request, progress=progress)
 
 
 def run(request: ConvertRequest, *, progress: bool = False) -> ConvertResult:
     """Carry out a request: open → detect → route → steps → validate → execute."""
     with ExitStack() as stack:
-        model = stack.enter_context(open_model(request.source))
+        source = locate(request.source, variant=request.variant, progress=progress)
+        model = stack.enter_context(open_model(source.path, variant=request.variant))
         target, planner = route(model, request)
         job = Run(request, model, target, stack, progress)
         plan = apply(planner(model, request), job)
         if target.finish is not None:
             plan = target.finish(plan, job)
         validate(plan, job.source, allow_unknown=request.allow_unknown)
+        _provenance(plan, source)
         execute(plan, job.source, request.output, force=request.force, progress=progress)
         family = job.base.found.family if job.base else model.found.family
         return ConvertResult(request.output, sum(len(f.tensors) for f in plan.files), plan.nbytes, plan.dropped,
                              plan.unknown, family, plan.prediction_type, job.adapters)
+
+
+def _provenance(plan: Plan, source: Resolved) -> None:
+    """Where a downloaded input came from, in every safetensors file written (no tokens: the source as shown)."""
+    if not source.remote:
+        return
+    for out in plan.files:
+        if out.writer.format == "safetensors":
+            out.metadata.update({"sdport.source": source.shown,
+                                 **({"sdport.source_sha256": source.sha256} if source.sha256 else {})})
 
 
 def merge_loras(base: PathLike, dst: PathLike, loras: list[str | LoraSpec] | tuple[str | LoraSpec, ...], *,
@@ -137,8 +152,8 @@ def export_onnx(src: PathLike, dst: PathLike, *, dtype: str = "fp32", layout: st
                    controlnet=controlnet, components=components, loras=loras, force=force, progress=progress)
 
 
-def inspect(source: PathLike) -> dict[str, Any]:
-    """Describe a model or adapter file or folder without loading its tensors (``sdport inspect --json``)."""
+def inspect(source: PathLike, *, variant: str | None = None) -> dict[str, Any]:
+    """Describe a model or adapter (any source form) without loading its tensors (``sdport inspect --json``)."""
     from .inspection import inspect as _inspect
 
-    return _inspect(source)
+    return _inspect(source, variant=variant)

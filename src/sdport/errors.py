@@ -65,3 +65,12 @@ class MissingExtraError(SdportError, ImportError):
     def __init__(self, feature: str, extra: str, missing: tuple[str, ...] | list[str] = ()):
         what = f" ({', '.join(missing)} not installed)" if missing else ""
         super().__init__(None, f"{feature} needs the '{extra}' extra{what}", f"pip install 'sdport[{extra}]'")
+
+
+class SourceError(SdportError, OSError):
+    """A source could not be fetched: the server refused it, it is not there, the connection kept failing, or it is
+    not in the cache when sdport runs offline."""
+
+
+class HashMismatchError(SourceError):
+    """Downloaded bytes whose SHA-256 is not the one the source publishes; nothing is kept."""

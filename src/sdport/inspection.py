@@ -10,10 +10,12 @@ from .detect import Detection, prediction_type
 from .families import FAMILIES
 from .lora.describe import describe
 from .model import open_model
+from .sources import locate
 
 
-def inspect(source: str | os.PathLike) -> dict[str, Any]:
-    """Describe a model file or folder without loading its tensors.
+def inspect(source: str | os.PathLike[str], *, variant: str | None = None) -> dict[str, Any]:
+    """Describe a model or adapter — a file, a folder, or any source ``sdport.resolve`` takes — without loading its
+    tensors (a remote source is fetched into the cache first).
 
     Returns:
         A dict with the keys documented in the README (``format``, ``family``, ``tensors``,
@@ -24,13 +26,15 @@ def inspect(source: str | os.PathLike) -> dict[str, Any]:
         >>> sdport.inspect("model.safetensors")["family"]
         'sd1'
     """
-    with open_model(source) as model:
+    where = locate(source, variant=variant)
+    with open_model(where.path, variant=variant) as model:
         src, found = model.raw, model.found
         infos = list(src.tensors.values())
         files = sorted({i.file for i in infos})
         prefixes = Counter(_prefix(name) for name in src.tensors)
         return {
             "path": os.fspath(source),
+            **({"location": where.path, "sha256": where.sha256} if where.remote else {}),
             "format": src.format,
             "family": found.family,
             "layout": found.layout,

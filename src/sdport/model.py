@@ -63,11 +63,14 @@ def _near_miss(found: Detection) -> str:
 
 
 @contextmanager
-def open_model(path: str | os.PathLike[str]) -> Iterator[Model]:
-    """Open and detect a model (a MindOne checkpoint seen under the original names); its files close on exit."""
+def open_model(path: str | os.PathLike[str], *, variant: str | None = None) -> Iterator[Model]:
+    """Open and detect a model (a MindOne checkpoint seen under the original names); its files close on exit.
+
+    ``path`` is local (``sources.locate`` gives one for any source); ``variant`` picks a diffusers folder's weights.
+    """
     from .families.parts.mindone import view
 
-    with open_tensors(path) as raw:
+    with open_tensors(path, variant=variant) as raw:
         found = detect(raw.tensors, raw.metadata, path=raw.path)
         rules = FAMILIES[found.family].mindone if found.layout == "mindone" else None
         if rules is None:

@@ -7,9 +7,10 @@ import time
 
 
 class Progress:
-    """Counts bytes; shows a tqdm bar only on a TTY, and only once the work has taken a second."""
+    """Counts bytes; shows a tqdm bar (bytes, rate; a total when known) only on a TTY, once the work has taken a
+    second."""
 
-    def __init__(self, total: int, label: str, *, enabled: bool = True):
+    def __init__(self, total: int | None, label: str, *, enabled: bool = True):
         self.total, self.label = total, label
         self.enabled = enabled and sys.stderr.isatty()
         self.start = time.monotonic()

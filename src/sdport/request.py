@@ -118,6 +118,7 @@ class ConvertRequest:
     allow_unknown: bool = False
     force: bool = False
     options: TargetOptions = None
+    variant: str | None = None  # the diffusers weight variant to read (fp16), of a folder or a Hub repo
 
     @property
     def single_file(self) -> bool:
@@ -132,7 +133,7 @@ class ConvertRequest:
               lora_alpha: float | None = None, base: str | os.PathLike[str] | None = None,
               allow_unknown: bool = False, force: bool = False, onnx_layout: str | None = None,
               vae_dtype: str | None = None, opset: int | None = None, controlnet: bool = False,
-              crc: bool = False) -> ConvertRequest:
+              crc: bool = False, variant: str | None = None) -> ConvertRequest:
         """A checked request from the options ``sdport convert`` and ``sdport.convert`` take."""
         src, dst = os.fspath(src), os.fspath(dst)
         if to is not None and to not in TARGETS:
@@ -153,7 +154,7 @@ class ConvertRequest:
                               "drop it, or convert to a folder")
         return cls(src, dst, target, parse_dtype(dtype), _components(components), ema,
                    _prediction_type(prediction_type), specs, allow_unmatched, lora_alpha,
-                   None if base is None else os.fspath(base), allow_unknown, force, options)
+                   None if base is None else os.fspath(base), allow_unknown, force, options, variant or None)
 
 
 def _has_suffix(path: str) -> bool:

@@ -55,9 +55,11 @@ class Run:
     def __post_init__(self) -> None:
         self.source = self.stack.enter_context(self.model.source.fork())
 
-    def open(self, path: str) -> Model:
-        """Another model this run reads, open until the run ends."""
-        return self.stack.enter_context(open_model(path))
+    def open(self, source: str, kind: str = "model") -> Model:
+        """Another model this run reads (any source form), open until the run ends."""
+        from .sources import locate
+
+        return self.stack.enter_context(open_model(locate(source, kind=kind, progress=self.progress).path))
 
     def family(self) -> Family:
         """The output's family: the base's with ``--base``, else the input's."""
@@ -148,7 +150,7 @@ def merge_loras(plan: Plan, run: Run) -> Plan:
     from .lora.merge import merge_adapters
 
     read_as = {k: ema_name(k) for k in run.source.tensors if k.startswith(UNET.ldm_prefix)} if request.ema else {}
-    adapters = [(run.open(spec.source), spec.ratio) for spec in request.loras]
+    adapters = [(run.open(spec.source, "adapter"), spec.ratio) for spec in request.loras]
     run.adapters = merge_adapters(plan, run.source, run.family(), run.model.kind != "original", adapters,
                                   allow_unmatched=request.allow_unmatched, read_as=read_as,
                                   default_alpha=request.lora_alpha)

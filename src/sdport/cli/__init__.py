@@ -7,6 +7,7 @@ The verbs' modules only parse options and print; the work is the public API's.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -21,23 +22,38 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise _Terminated()
 
 
+#: options of the whole command, taken wherever they stand (``sdport convert … --debug`` too)
+GLOBAL_FLAGS = ("--debug", "--offline")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="sdport")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.option("--offline", is_flag=True, help="Resolve sources from the caches only (also SDPORT_OFFLINE=1).")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(ctx: click.Context, debug: bool, offline: bool) -> None:
     """Inspect and convert Stable Diffusion weights between every format, streaming and offline."""
     ctx.obj = {"debug": debug}
+    if offline:
+        os.environ["SDPORT_OFFLINE"] = "1"
 
 
-from . import convert, demo, inspect, lora  # noqa: E402,F401 - each verb adds itself to the group
+from . import cache, convert, demo, inspect, lora  # noqa: E402,F401 - each verb adds itself to the group
+
+
+def _global_first(argv: list[str]) -> list[str]:
+    """``argv`` with the global flags moved before the verb, so they may be given anywhere (not after ``--``)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [a for a in argv[:end] if a in GLOBAL_FLAGS]
+    return flags + [a for a in argv[:end] if a not in GLOBAL_FLAGS] + argv[end:]
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
     from ..errors import SdportError
 
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    argv = _global_first(list(argv if argv is not None else sys.argv[1:]))
+    debug = "--debug" in argv
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         cli.main(args=argv, prog_name="sdport", standalone_mode=False)

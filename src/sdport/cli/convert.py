@@ -36,6 +36,7 @@ from . import cli
 @click.option("--allow-unmatched", is_flag=True, help="Merge what matches when some adapter modules match no weight.")
 @click.option("--lora-alpha", type=float, help="Alpha of adapters whose file stores none (MindOne); default: rank.")
 @click.option("--base", help="A whole model the input's parts go into (a fine-tuned UNet into a full file).")
+@click.option("--variant", help="Read the diffusers weights of this variant (fp16) of a folder or Hub repo.")
 @click.option("--allow-unknown", is_flag=True, help="Copy tensors no rule knows instead of refusing.")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @click.option("--report", is_flag=True, help="List every input entry left out, with the reason.")
@@ -43,9 +44,12 @@ from . import cli
 def convert_cmd(src: str, dst: str, to: str | None, dtype: str, fmt: str | None, crc: bool, ema: bool,
                 components: str | None, onnx_layout: str | None, vae_dtype: str | None, opset: int | None,
                 controlnet: bool, prediction_type: str | None, loras: tuple[str, ...], allow_unmatched: bool,
-                lora_alpha: float | None, base: str | None, allow_unknown: bool, force: bool, report: bool,
-                quiet: bool) -> None:
-    """Convert SRC to DST (another format, layout or dtype), streaming, atomically."""
+                lora_alpha: float | None, base: str | None, variant: str | None, allow_unknown: bool, force: bool,
+                report: bool, quiet: bool) -> None:
+    """Convert SRC to DST (another format, layout or dtype), streaming, atomically.
+
+    SRC, --lora and --base take a path, a Hugging Face repo (owner/repo[@rev], hf://…), civitai://VERSION or a URL.
+    """
     # sdport's own workers compute LoRA updates; OpenBLAS's pool on top of them only spins (2× the CPU time of a
     # merge on two cores). numpy is not imported yet here; a user's explicit setting wins.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -56,7 +60,7 @@ def convert_cmd(src: str, dst: str, to: str | None, dtype: str, fmt: str | None,
                                    prediction_type=prediction_type, loras=loras, allow_unmatched=allow_unmatched,
                                    lora_alpha=lora_alpha, base=base, allow_unknown=allow_unknown, force=force,
                                    onnx_layout=onnx_layout, vae_dtype=vae_dtype, opset=opset, controlnet=controlnet,
-                                   crc=crc)
+                                   crc=crc, variant=variant)
     result = run(request, progress=not quiet)
     if not quiet:
         click.echo(f"wrote {result.output}: {result.tensors} tensors, {result.bytes:,} bytes"

@@ -12,9 +12,11 @@ from . import cli
 @cli.command("inspect")
 @click.argument("source")
 @click.option("--json", "as_json", is_flag=True, help="Print the stable JSON report instead of a table.")
-def inspect_cmd(source: str, as_json: bool) -> None:
-    """Say what SOURCE is: format, family and evidence, tensors, dtypes, metadata."""
+@click.option("--variant", help="Read the diffusers weights of this variant (fp16) of a folder or Hub repo.")
+def inspect_cmd(source: str, as_json: bool, variant: str | None) -> None:
+    """Say what SOURCE is (a path, Hub repo, civitai://VERSION or URL): format, family and evidence, tensors,
+    dtypes, metadata."""
     from ..inspection import inspect, render
 
-    report = inspect(source)
+    report = inspect(source, variant=variant)
     click.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else render(report))

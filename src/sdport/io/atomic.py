@@ -65,7 +65,7 @@ def check_target(target: str, *, force: bool, inputs: list[str], need_bytes: int
     target = os.path.abspath(target)
     real_target = os.path.realpath(target)
     for src in inputs:
-        same = os.path.exists(target) and os.path.samefile(src, target)
+        same = os.path.exists(target) and os.path.exists(src) and os.path.samefile(src, target)
         inside = os.path.commonpath([os.path.realpath(src), real_target]) == real_target
         if same or inside:  # replacing a folder that holds an input would delete the input
             raise OutputError(target, "output would overwrite the input", "choose another output path")

@@ -24,6 +24,7 @@ from ..errors import SdportError
 from ..families import FAMILIES, Family
 from ..io.base import TensorSource
 from ..model import Model, open_model
+from ..sources import locate
 from .canonical import Out, computed
 from .names import is_attention
 from .resolve import Target, build_index
@@ -84,7 +85,8 @@ def extract(tuned: str, base: str, dst: str, *, rank: int = 32, energy: float | 
         raise SdportError(None, f"ranks must be ≥ 1 with min ≤ max (rank {rank}, min {min_rank}, max {max_rank})", None)
     if energy is not None and not 0 < energy <= 1:
         raise SdportError(None, f"--energy {energy} is not in (0, 1]", "e.g. --energy 0.9")
-    with open_model(tuned) as tm, open_model(base) as bm, TensorSource(tuned, "adapter", {}) as source:
+    tuned_path, base_path = locate(tuned).path, locate(base).path
+    with open_model(tuned_path) as tm, open_model(base_path) as bm, TensorSource(tuned_path, "adapter", {}) as source:
         (family, t_diffusers), (base_family, b_diffusers) = _pairable(tm), _pairable(bm)
         if family != base_family:
             raise SdportError(tuned, f"is {family.name}, the base {base} is {base_family.name}",
@@ -120,7 +122,7 @@ def extract(tuned: str, base: str, dst: str, *, rank: int = 32, energy: float | 
                 "ss_network_alpha": str(max(result.ranks.values())),
                 "sdport_extracted": json.dumps({"tuned": str(tuned), "base": str(base), "rank": rank,
                                                 "energy": energy})}
-        write(dst, source, tensors, {**info, **metadata}, {}, force=force, protect=(tuned, base))
+        write(dst, source, tensors, {**info, **metadata}, {}, force=force, protect=(tuned_path, base_path))
     return result
 
 

@@ -30,6 +30,7 @@ from ..model import open_model
 from ..patches import dora_axis
 from ..plan import SAFETENSORS, OutputFile, OutputTensor, Plan, derive, validate
 from ..request import LoraSpec
+from ..sources import locate
 from . import FORMATS
 from .canonical import Canonical, Out, as_lora, canonical, computed, refactorable
 from .formats import ROLES
@@ -199,7 +200,8 @@ def convert_adapter(src: str, dst: str, *, to: str, rank: int | None = None, dty
     check_format(to)
     if rank is not None and rank < 1:
         raise SdportError(None, f"--rank {rank} is not a positive number", None)
-    with open_model(src) as model, TensorSource(src, "adapter", {}) as source:
+    local = locate(src, kind="adapter").path
+    with open_model(local) as model, TensorSource(local, "adapter", {}) as source:
         read = canonical(model, source)
         alpha_dtype = model.source.metadata.get(ALPHA_DTYPE_KEY, read.alpha_dtype)
         errors, left_out = {}, _alphas_left_out(read, to)
@@ -237,11 +239,12 @@ def combine(specs: list[str], dst: str, *, to: str = "kohya", dtype: str = "F32"
         raise SdportError(None, "combine needs at least two adapters", "lora combine A[:R] B[:R] OUT")
     loras = [LoraSpec.parse(s) for s in specs]
     with ExitStack() as stack:
-        source = stack.enter_context(TensorSource(loras[0].source, "adapter", {}))
+        paths = [locate(spec.source, kind="adapter").path for spec in loras]
+        source = stack.enter_context(TensorSource(paths[0], "adapter", {}))
         groups: dict[str, list[tuple[Out, float]]] = {}
         families = set()
         for i, spec in enumerate(loras):
-            read = canonical(stack.enter_context(open_model(spec.source)), source, f"{i}:")
+            read = canonical(stack.enter_context(open_model(paths[i])), source, f"{i}:")
             families.add(read.family)
             for o in read.outs:
                 if o.kind != "lora" or set(o.factors) != {"up", "down"}:
