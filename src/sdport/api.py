@@ -8,7 +8,8 @@ or to ONNX.
 from __future__ import annotations
 
 import os
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +105,19 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, dtype: str =
 
 def run(request: ConvertRequest, *, progress: bool = False) -> ConvertResult:
     """Carry out a request: open → detect → route → steps → validate → execute."""
+    with planned(request, progress=progress) as (plan, job):
+        execute(plan, job.source, request.output, force=request.force, progress=progress)
+        family = job.base.found.family if job.base else job.model.found.family
+        return ConvertResult(request.output, sum(len(f.tensors) for f in plan.files), plan.nbytes, plan.dropped,
+                             plan.unknown, family, plan.prediction_type, job.adapters)
+
+
+@contextmanager
+def planned(request: ConvertRequest, *, progress: bool = False) -> Iterator[tuple[Plan, Run]]:
+    """The validated plan of a request and the run it reads from (open until the block ends); nothing is written.
+
+    ``run`` executes it; ``verify`` computes its tensors in memory instead.
+    """
     with ExitStack() as stack:
         source = locate(request.source, variant=request.variant, progress=progress)
         model = stack.enter_context(open_model(source.path, variant=request.variant))
@@ -114,10 +128,7 @@ def run(request: ConvertRequest, *, progress: bool = False) -> ConvertResult:
             plan = target.finish(plan, job)
         validate(plan, job.source, allow_unknown=request.allow_unknown)
         _provenance(plan, source)
-        execute(plan, job.source, request.output, force=request.force, progress=progress)
-        family = job.base.found.family if job.base else model.found.family
-        return ConvertResult(request.output, sum(len(f.tensors) for f in plan.files), plan.nbytes, plan.dropped,
-                             plan.unknown, family, plan.prediction_type, job.adapters)
+        yield plan, job
 
 
 def _provenance(plan: Plan, source: Resolved) -> None:

@@ -119,6 +119,7 @@ class ConvertRequest:
     force: bool = False
     options: TargetOptions = None
     variant: str | None = None  # the diffusers weight variant to read (fp16), of a folder or a Hub repo
+    in_memory: bool = False  # the plan is computed in memory (verify), never written: a no-op plan is fine
 
     @property
     def single_file(self) -> bool:

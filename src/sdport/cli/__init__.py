@@ -1,7 +1,8 @@
-"""The ``sdport`` command: the group every verb's module (``inspect``, ``convert``, ``lora``, ``demo``) adds to, and
-``main``, which turns errors into one line and an exit status.
+"""The ``sdport`` command: the group every verb's module (``inspect``, ``convert``, ``verify``, ``lora``, …) adds
+to, and ``main``, which turns errors into one line and an exit status.
 
-Exit status: 0 success, 2 bad input or refused output, 1 internal error, 130 Ctrl-C, 143 SIGTERM.
+Exit status: 0 success, 2 bad input or refused output, 3 a parity failure (``verify``, ``convert --verify``),
+1 internal error, 130 Ctrl-C, 143 SIGTERM.
 The verbs' modules only parse options and print; the work is the public API's.
 """
 
@@ -38,7 +39,7 @@ def cli(ctx: click.Context, debug: bool, offline: bool) -> None:
         os.environ["SDPORT_OFFLINE"] = "1"
 
 
-from . import cache, convert, demo, inspect, lora  # noqa: E402,F401 - each verb adds itself to the group
+from . import cache, convert, demo, inspect, lora, verify  # noqa: E402,F401 - each verb adds itself to the group
 
 
 def _global_first(argv: list[str]) -> list[str]:
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        cli.main(args=argv, prog_name="sdport", standalone_mode=False)
+        status = cli.main(args=argv, prog_name="sdport", standalone_mode=False)
     except SdportError as exc:
         if debug:
             raise
@@ -80,4 +81,4 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"sdport: error: internal error: {type(exc).__name__}: {exc} (rerun with --debug "
                    "and report it)", err=True)
         return 1
-    return 0
+    return status if isinstance(status, int) else 0  # a verb's own status: verify's 3 for a parity failure

@@ -147,6 +147,19 @@ class AtomicFile(_Atomic):
         self.done = True
 
 
+def write_atomic(target: str, data: bytes, *, force: bool = True) -> None:
+    """Write a small file whole, atomically (a report, a manifest): its old content or the new one, never half."""
+    out = AtomicFile(target, force=force)
+    with out:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(out.fd, view):]
+        except OSError as exc:
+            raise disk_error(target, exc) from exc
+        out.commit()
+
+
 def publish(tmp: str, target: str, *, force: bool) -> None:
     """Rename ``tmp`` onto ``target`` (refusing to replace it unless ``force``) and fsync the folder."""
     if force:

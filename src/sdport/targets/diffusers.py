@@ -101,7 +101,7 @@ def _drop_other_parts(model: Model, family: Family, parts: list[Part], plan: Pla
 def rewrite(model: Model, request: ConvertRequest) -> Plan:
     """A diffusers folder rewritten as itself, adapters merged or in another dtype: same files, same names, configs
     copied."""
-    if not request.loras and not request.dtype:
+    if not (request.loras or request.dtype or request.in_memory):
         raise SdportError(model.path, "already a diffusers folder", "convert it to a single file, another dtype, "
                           "or merge adapters into it")
     return folder_plan(model)

@@ -98,7 +98,7 @@ def finish(plan: Plan, run: Run) -> Plan:
                      components=run.request.components, progress=say)
 
 
-def _component_tensors(plan: Plan) -> dict[str, dict[str, OutputTensor]]:
+def component_tensors(plan: Plan) -> dict[str, dict[str, OutputTensor]]:
     out: dict[str, dict[str, OutputTensor]] = {}
     for f in plan.files:
         component = f.path.split("/")[0] if "/" in f.path else ""
@@ -106,7 +106,7 @@ def _component_tensors(plan: Plan) -> dict[str, dict[str, OutputTensor]]:
     return out
 
 
-def _configs(plan: Plan, components: list[str]) -> dict[str, dict]:
+def component_configs(plan: Plan, components: list[str]) -> dict[str, dict]:
     configs = {}
     for c in components:
         raw = plan.extra.get(f"{c}/config.json" if c else "config.json")
@@ -125,9 +125,9 @@ def onnx_plan(plan: Plan, family: Family, options: OnnxOptions, *, dtype: str = 
     from ..trace.onnx import specs, trace
 
     layout, vae_dtype, controlnet = options.layout, options.vae_dtype, options.controlnet
-    tensors = _component_tensors(plan)
+    tensors = component_tensors(plan)
     weights = [c for c in ("text_encoder", "text_encoder_2", "unet", "vae", "") if c in tensors]
-    configs = _configs(plan, weights)
+    configs = component_configs(plan, weights)
     if "" in configs and configs[""].get("_class_name") != "ControlNetModel":
         raise SdportError(None, f"ONNX export of a lone {configs[''].get('_class_name', 'model')}",
                           "export a whole pipeline or a ControlNet")

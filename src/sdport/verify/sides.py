@@ -1,0 +1,100 @@
+"""One side of a check: a model (any form or source, its adapters merged) planned into the diffusers layout,
+and — for the output check — the runtime that runs it."""
+
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from ..errors import SdportError
+from ..request import ConvertRequest, LoraSpec
+from ..targets.onnx import component_configs, component_tensors
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import numpy as np
+
+    from ..plan import Plan
+    from .outputs import Backend
+
+DTYPE_LABELS = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
+#: a lone component's diffusers class → the pipeline component it is
+LONE = {"AutoencoderKL": "vae", "UNet2DConditionModel": "unet", "CLIPTextModel": "text_encoder",
+        "CLIPTextModelWithProjection": "text_encoder_2"}
+
+
+@dataclass
+class Side:
+    """A model as verify sees it: its diffusers-layout plan, how to read the plan's inputs, and its runtime."""
+
+    label: str
+    shown: str
+    plan: Plan
+    read: Callable[[str], np.ndarray]
+    family: str
+    layout: str
+    configs: dict[str, dict]
+    runtime: str = ""
+    backend: Backend | None = None
+
+
+def open_side(stack: ExitStack, source: str | os.PathLike[str], label: str, *,
+              loras: list[str | LoraSpec] | tuple[str | LoraSpec, ...] = (), variant: str | None = None,
+              progress: bool = False, scratch: str = "", dtype: str | None = None, runtime: bool = False,
+              torch_only: bool = False) -> Side:
+    """Open ``source`` (its LoRAs merged, cast to ``dtype``) as a plan; with ``runtime``, load nothing yet but
+    choose the runtime: onnxruntime for an ONNX export, else torch computing in ``dtype`` (fp32 by default)."""
+    from ..api import planned
+
+    shown = os.fspath(source)
+    request = replace(ConvertRequest.build(shown, f"<{label}>", to="diffusers", dtype=dtype or "keep", loras=loras,
+                                           variant=variant), in_memory=True)
+    plan, job = stack.enter_context(planned(request, progress=progress))
+    found = job.model.found
+    if found.family == "lora":
+        raise SdportError(shown, "is a LoRA adapter: verify compares models", "merge it into one with --lora")
+    side = Side(label, shown, plan, job.source.read, found.family, found.layout, {})
+    if runtime:
+        tensors = component_tensors(plan)
+        side.configs = component_configs(plan, list(tensors))
+        if "" in tensors:  # a lone component: named after its class
+            cfg = side.configs.pop("")
+            name = LONE.get(cfg.get("_class_name") or (cfg.get("architectures") or [""])[0], "")
+            if not name:
+                raise SdportError(shown, f"a lone {found.family} has no outputs verify can compare",
+                                  "compare its tensors with --tensors")
+            tensors[name], side.configs[name] = tensors.pop(""), cfg
+        _attach(side, job.model.kind, tensors, request, scratch, torch_only, dtype, progress)
+    return side
+
+
+def _attach(side: Side, kind: str, tensors, request: ConvertRequest, scratch: str,
+            torch_only: bool, dtype: str | None, progress: bool) -> None:
+    if kind == "onnx":
+        if torch_only:
+            raise SdportError(side.shown, "--dtypes runs a model through torch at each precision, and this is an "
+                              "ONNX export", "export it at each precision and compare the exports")
+        from .backends.ort import OrtBackend
+
+        folder = side.shown if not request.loras else _blended(request, scratch, side.label, progress)
+        side.backend, side.runtime = OrtBackend(folder), "onnxruntime"
+        return
+    from ..trace.onnx import specs
+    from .backends.torch import TorchBackend
+
+    names = [c for c in ("text_encoder", "text_encoder_2", "unet", "vae") if c in tensors]
+    side.backend = TorchBackend(tensors, side.read, side.configs, specs(names, side.configs),
+                                dtype=dtype or "F32", label=side.shown)
+    side.runtime = "torch" + ("" if dtype in (None, "F32") else f" ({DTYPE_LABELS[dtype]})")
+
+
+def _blended(request: ConvertRequest, scratch: str, label: str, progress: bool) -> str:
+    """An ONNX export with the side's adapters blended in, written to the scratch folder (onnxruntime reads files)."""
+    from ..api import convert
+
+    out = os.path.join(scratch, f"side-{label}")
+    convert(request.source, out, to="onnx", loras=list(request.loras), progress=progress)
+    return out
