@@ -40,12 +40,14 @@ from . import cli
 @click.option("--allow-unknown", is_flag=True, help="Copy tensors no rule knows instead of refusing.")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @click.option("--report", is_flag=True, help="List every input entry left out, with the reason.")
+@click.option("--verify", "check", is_flag=True, help="Then run DST against SRC (its --lora merged): component "
+              "outputs and a 4-step image, as `sdport verify --outputs`; exit 3 if they differ.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def convert_cmd(src: str, dst: str, to: str | None, dtype: str, fmt: str | None, crc: bool, ema: bool,
                 components: str | None, onnx_layout: str | None, vae_dtype: str | None, opset: int | None,
                 controlnet: bool, prediction_type: str | None, loras: tuple[str, ...], allow_unmatched: bool,
                 lora_alpha: float | None, base: str | None, variant: str | None, allow_unknown: bool, force: bool,
-                report: bool, quiet: bool) -> None:
+                report: bool, check: bool, quiet: bool) -> int:
     """Convert SRC to DST (another format, layout or dtype), streaming, atomically.
 
     SRC, --lora and --base take a path, a Hugging Face repo (owner/repo[@rev], hf://…), civitai://VERSION or a URL.
@@ -74,3 +76,15 @@ def convert_cmd(src: str, dst: str, to: str | None, dtype: str, fmt: str | None,
             click.echo(f"dropped {name}: {why}")
         for name in result.unknown:
             click.echo(f"unknown {name}: copied unchanged (--allow-unknown)")
+    return _verify(request) if check else 0
+
+
+def _verify(request) -> int:
+    """The output-level check of the output against its source (adapters merged into the source the same way)."""
+    from ..verify import verify
+    from ..verify.report import table
+    from .verify import PARITY_FAILURE
+
+    result = verify(request.source, request.output, outputs=True, loras=request.loras, variant=request.variant)
+    click.echo(table(result))
+    return 0 if result.passed else PARITY_FAILURE

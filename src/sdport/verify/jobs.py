@@ -50,7 +50,7 @@ def build_job(a: Side, b: Side, *, seed: int, latents, steps: int, size: str | N
     ids = {} if prompt_embeds is not None and not encoders else _ids(a, b, encoders, configs, prompt, scratch)
     schedule = _schedule(a if "unet" in a.configs else b)
     return Job(ids, embeds, init, probes, schedule, steps, scheduler, float(vae.get("scaling_factor", 0.18215)),
-               int(unet.get("in_channels", 4)), time_ids)
+               int(unet.get("in_channels", 4)), time_ids, xl and _zero_negative(a, b, a.family))
 
 
 def _size(size: str | None, default: int, scale: int) -> tuple[int, int]:
@@ -120,6 +120,16 @@ def _tokenizer(a: Side, b: Side, encoder: str, config: dict) -> dict[str, bytes]
         if "vocab.json" in files and "merges.txt" in files:
             return files
     return tokenizer_files("<|endoftext|>" if config.get("hidden_act") == "quick_gelu" else "!")
+
+
+def _zero_negative(a: Side, b: Side, family: str) -> bool:
+    """SDXL's ``force_zeros_for_empty_prompt`` from a side's model_index.json; else the pipeline's default (base:
+    on, refiner: off)."""
+    for side in (a, b):
+        raw = side.plan.extra.get("model_index.json")
+        if raw and "force_zeros_for_empty_prompt" in (index := json.loads(raw)):
+            return bool(index["force_zeros_for_empty_prompt"])
+    return family != "sdxl-refiner"
 
 
 def _schedule(side: Side) -> Schedule:

@@ -40,6 +40,7 @@ class Job:
         latents: the initial latent noise (1, 4, h, w).
         probes: fixed random inputs of the UNet and VAE checks.
         time_ids: SDXL's added time ids (size, crop, size — or a refiner's aesthetic score), negative then positive.
+        zero_negative: SDXL's ``force_zeros_for_empty_prompt``: the unconditional half is zeros.
     """
 
     ids: dict[str, np.ndarray]
@@ -52,6 +53,7 @@ class Job:
     scaling_factor: float
     in_channels: int = 4
     time_ids: np.ndarray | None = None
+    zero_negative: bool = False  # SDXL base: the empty prompt's conditioning is zeros, not its encoding
     image: bool = True
 
 
@@ -95,7 +97,10 @@ def conditioning(job: Job, out: dict[str, np.ndarray]) -> tuple[np.ndarray, np.n
         layers = sorted((int(k.rsplit(".", 1)[1]), k) for k in out if k.startswith(f"{c}.hidden_states."))
         if layers:
             hidden.append(out[layers[-2][1]])
-    return np.concatenate(hidden, axis=-1), out["text_encoder_2.text_embeds"]
+    cond, pooled = np.concatenate(hidden, axis=-1), out["text_encoder_2.text_embeds"].copy()
+    if job.zero_negative:
+        cond[:1], pooled[:1] = 0.0, 0.0
+    return cond, pooled
 
 
 def _unet_inputs(job: Job, x: np.ndarray, t: float, cond: np.ndarray, pooled: np.ndarray | None
