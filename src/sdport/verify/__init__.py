@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import SdportError
 from ..request import LoraSpec, parse_dtype
-from .outputs import Backend, Job, OutputReport, Tolerance, compare_outputs, run_job
+from .outputs import Job, OutputReport, Tolerance, compare_outputs
 from .sampling import SCHEDULERS
 from .sides import DTYPE_LABELS, Side, open_side
 from .tensors import TensorReport, compare_plans
@@ -94,6 +94,7 @@ def verify(a: str | os.PathLike[str], b: str | os.PathLike[str] | None = None, *
         scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="sdport-verify-"))
         pairs = _pairs(stack, a, b, loras, loras_b, dtypes, variant, progress, scratch, outputs)
         result.comparisons = [Comparison(label) for label, _, _ in pairs]
+        result.notes += sorted({s.note for _, *sides in pairs for s in sides if s.note})
         if tensors:
             for c, (_, first, second) in zip(result.comparisons, pairs, strict=True):
                 c.tensors = compare_plans(first.plan, first.read, second.plan, second.read, tolerance_ulp=tol.ulp)
@@ -153,17 +154,11 @@ def _run_pairs(pairs, job: Job, tol: Tolerance, result: VerifyResult) -> None:
         outs = []
         for side in (first, second):
             if id(side) not in done:  # the reference of --dtypes runs once
-                done[id(side)] = run_job(_backend(side), job)
+                done[id(side)] = side.run(job)
             outs.append(done[id(side)])
         c.runtimes, c.outputs = (first.runtime, second.runtime), compare_outputs(outs[0], outs[1], tol)
         if "image" in outs[0] and "image" in outs[1]:
             c.images = (outs[0]["image"], outs[1]["image"])
-
-
-def _backend(side: Side) -> Backend:
-    if side.backend is None:
-        raise SdportError(side.shown, "has nothing to run", None)
-    return side.backend
 
 
 def _job(a: Side, b: Side, seed, latents, steps, size, prompt, prompt_embeds, scheduler, notes, scratch) -> Job:

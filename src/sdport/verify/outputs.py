@@ -9,8 +9,9 @@ job. ``run_job`` asks a backend for each component's outputs under the ONNX expo
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -55,6 +56,32 @@ class Job:
     time_ids: np.ndarray | None = None
     zero_negative: bool = False  # SDXL base: the empty prompt's conditioning is zeros, not its encoding
     image: bool = True
+
+    def save(self, path: str) -> None:
+        """The job as one ``.npz`` (arrays, and the settings as JSON text): what another interpreter's worker runs."""
+        arrays = {"latents": self.latents, **{f"ids.{k}": v for k, v in self.ids.items()},
+                  **{f"probes.{k}": v for k, v in self.probes.items()}}
+        if self.embeds is not None:
+            arrays["embeds.cond"] = self.embeds[0]
+            if self.embeds[1] is not None:
+                arrays["embeds.pooled"] = self.embeds[1]
+        if self.time_ids is not None:
+            arrays["time_ids"] = self.time_ids
+        meta = {"schedule": asdict(self.schedule), "steps": self.steps, "scheduler": self.scheduler,
+                "scaling_factor": self.scaling_factor, "in_channels": self.in_channels,
+                "zero_negative": self.zero_negative, "image": self.image, "embeds": self.embeds is not None}
+        np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
+
+    @classmethod
+    def load(cls, path: str) -> Job:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        meta = json.loads(str(arrays.pop("meta")))
+        pick = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}  # noqa: E731
+        embeds = (arrays["embeds.cond"], arrays.get("embeds.pooled")) if meta["embeds"] else None
+        return cls(pick("ids."), embeds, arrays["latents"], pick("probes."), Schedule(**meta["schedule"]),
+                   meta["steps"], meta["scheduler"], meta["scaling_factor"], meta["in_channels"],
+                   arrays.get("time_ids"), meta["zero_negative"], meta["image"])
 
 
 def run_job(backend: Backend, job: Job) -> dict[str, np.ndarray]:

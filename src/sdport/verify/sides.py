@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING
 
 from ..errors import SdportError
 from ..request import ConvertRequest, LoraSpec
 from ..targets.onnx import component_configs, component_tensors
+from .outputs import run_job
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -18,7 +20,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from ..plan import Plan
-    from .outputs import Backend
+    from .outputs import Backend, Job
 
 DTYPE_LABELS = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
 #: a lone component's diffusers class → the pipeline component it is
@@ -39,6 +41,16 @@ class Side:
     configs: dict[str, dict]
     runtime: str = ""
     backend: Backend | None = None
+    worker: Callable[[Job], dict[str, np.ndarray]] | None = None  # a runtime in another interpreter
+    note: str = ""
+
+    def run(self, job: Job) -> dict[str, np.ndarray]:
+        """Every output of ``job`` on this side, in its runtime."""
+        if self.worker is not None:
+            return self.worker(job)
+        if self.backend is None:
+            raise SdportError(self.shown, "was opened without a runtime", "report a bug")
+        return run_job(self.backend, job)
 
 
 def open_side(stack: ExitStack, source: str | os.PathLike[str], label: str, *,
@@ -82,6 +94,8 @@ def _attach(side: Side, kind: str, tensors, request: ConvertRequest, scratch: st
         folder = side.shown if not request.loras else _blended(request, scratch, side.label, progress)
         side.backend, side.runtime = OrtBackend(folder), "onnxruntime"
         return
+    if side.layout == "mindone" and not torch_only and _mindspore(side, tensors, request, scratch):
+        return
     from ..trace.onnx import specs
     from .backends.torch import TorchBackend
 
@@ -89,6 +103,26 @@ def _attach(side: Side, kind: str, tensors, request: ConvertRequest, scratch: st
     side.backend = TorchBackend(tensors, side.read, side.configs, specs(names, side.configs),
                                 dtype=dtype or "F32", label=side.shown)
     side.runtime = "torch" + ("" if dtype in (None, "F32") else f" ({DTYPE_LABELS[dtype]})")
+
+
+def _mindspore(side: Side, tensors, request: ConvertRequest, scratch: str) -> bool:
+    """Run a MindOne checkpoint in MindSpore: here if it imports, else in ``SDPORT_MINDSPORE_PYTHON``'s interpreter;
+    False (torch runs it, and the report says so) when there is neither."""
+    from .backends import mindspore
+
+    if mindspore.available():
+        side.backend = mindspore.GraphBackend(mindspore.MindSporeOps(), tensors, side.read, side.configs)
+        side.runtime = "mindspore"
+        return True
+    python = mindspore.worker_python()
+    if python is None:
+        side.note = (f"{side.label} is a MindOne checkpoint, run in torch: MindSpore is not installed here "
+                     f"(set {mindspore.ENV} to the python of MindSpore's environment)")
+        return False
+    side.worker = partial(mindspore.run_elsewhere, python, side.shown, folder=scratch, loras=request.loras,
+                          variant=request.variant)
+    side.runtime = "mindspore"
+    return True
 
 
 def _blended(request: ConvertRequest, scratch: str, label: str, progress: bool) -> str:
