@@ -10,6 +10,7 @@ loaded from its module (``api``, ``request``, ``io``, ``lora``) on first use, wi
     >>> sdport.merge_loras("model.safetensors", "merged", ["style.safetensors:0.8"])
     >>> sdport.lora.convert("style.safetensors", "style-peft.safetensors", to="peft")
     >>> sdport.resolve("civitai://6266?type=Pruned%20Model&format=SafeTensor")   # fetched once, verified
+    >>> sdport.verify("model.safetensors", "model-onnx", report="parity").passed  # torch vs onnxruntime
 """
 
 from __future__ import annotations
@@ -34,17 +35,19 @@ if TYPE_CHECKING:
     from . import lora
     from .api import ConvertResult, convert, export_onnx, inspect, merge_loras, run
     from .io import open_tensors
+    from .parity import VerifyResult, verify
     from .request import ConvertRequest, LoraSpec, MindOneOptions, OnnxOptions, SingleFileOptions
     from .sources import resolve
 
 __all__ = ["ConvertRequest", "ConvertResult", "FormatError", "HashMismatchError", "LoraSpec", "MindOneOptions",
            "MissingExtraError", "OnnxOptions", "OutputError", "PlanError", "SdportError", "SingleFileOptions",
-           "SourceError", "SourceNotFoundError", "UnknownKeyError", "UnsafeFileError", "convert", "export_onnx",
-           "inspect", "lora", "merge_loras", "open_tensors", "resolve", "run"]
+           "SourceError", "SourceNotFoundError", "UnknownKeyError", "UnsafeFileError", "VerifyResult", "convert",
+           "export_onnx", "inspect", "lora", "merge_loras", "open_tensors", "resolve", "run", "verify"]
 
 _WHERE = {"convert": ".api", "export_onnx": ".api", "inspect": ".api", "merge_loras": ".api", "run": ".api",
           "ConvertResult": ".api", "ConvertRequest": ".request", "LoraSpec": ".request", "OnnxOptions": ".request",
-          "MindOneOptions": ".request", "SingleFileOptions": ".request", "open_tensors": ".io", "resolve": ".sources"}
+          "MindOneOptions": ".request", "SingleFileOptions": ".request", "open_tensors": ".io", "resolve": ".sources",
+          "verify": ".parity", "VerifyResult": ".parity"}
 
 
 def __getattr__(name: str) -> Any:

@@ -81,8 +81,8 @@ def convert_cmd(src: str, dst: str, to: str | None, dtype: str, fmt: str | None,
 
 def _verify(request) -> int:
     """The output-level check of the output against its source (adapters merged into the source the same way)."""
-    from ..verify import verify
-    from ..verify.report import table
+    from ..parity import verify
+    from ..parity.report import table
     from .verify import PARITY_FAILURE
 
     result = verify(request.source, request.output, outputs=True, loras=request.loras, variant=request.variant)

@@ -42,8 +42,8 @@ def verify_cmd(a: str, b: str | None, tensors: bool, outputs: bool, loras: tuple
 
     Exit status 0: the same within the tolerances; 3: they differ; 2: bad input.
     """
-    from ..verify import DEFAULT_PROMPT, verify
-    from ..verify.report import table
+    from ..parity import DEFAULT_PROMPT, verify
+    from ..parity.report import table
 
     result = verify(a, b, tensors=tensors or None, outputs=outputs or None, loras=loras, loras_b=loras_b,
                     dtypes=dtypes, seed=seed, latents=latents, steps=steps, size=size,

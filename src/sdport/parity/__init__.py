@@ -12,11 +12,13 @@ import os
 import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from ..errors import SdportError
 from ..request import LoraSpec, parse_dtype
+from .jobs import build_job
 from .outputs import Job, OutputReport, Tolerance, compare_outputs
 from .sampling import SCHEDULERS
 from .sides import DTYPE_LABELS, Side, open_side
@@ -24,6 +26,7 @@ from .tensors import TensorReport, compare_plans
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on mars"
 Adapters = list[str | LoraSpec] | tuple[str | LoraSpec, ...]
+Source = str | os.PathLike[str]
 
 
 @dataclass
@@ -40,7 +43,7 @@ class Comparison:
     def passed(self) -> bool:
         return (self.tensors is None or self.tensors.passed) and (self.outputs is None or self.outputs.passed)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         out = self.outputs
         return {"label": self.label, "passed": self.passed,
                 "tensors": None if self.tensors is None else self.tensors.as_dict(),
@@ -64,16 +67,16 @@ class VerifyResult:
     def passed(self) -> bool:
         return all(c.passed for c in self.comparisons)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"schema": 1, "a": self.a, "b": self.b, "passed": self.passed,
                 "comparisons": [c.as_dict() for c in self.comparisons], "notes": self.notes, "png": self.png}
 
 
-def verify(a: str | os.PathLike[str], b: str | os.PathLike[str] | None = None, *, tensors: bool | None = None,
+def verify(a: Source, b: Source | None = None, *, tensors: bool | None = None,
            outputs: bool | None = None, loras: Adapters = (), loras_b: Adapters = (), dtypes: str | None = None,
-           seed: int = 0, latents: str | os.PathLike[str] | None = None, steps: int = 4, size: str | None = None,
+           seed: int = 0, latents: Source | None = None, steps: int = 4, size: str | None = None,
            prompt: str = DEFAULT_PROMPT, prompt_embeds: str | None = None, scheduler: str = "euler",
-           tolerance: str | Tolerance | None = None, report: str | os.PathLike[str] | None = None,
+           tolerance: str | Tolerance | None = None, report: Source | None = None,
            variant: str | None = None, progress: bool = False) -> VerifyResult:
     """Compare model ``a`` with ``b`` (or, with ``dtypes``, ``a`` with itself at other precisions).
 
@@ -99,8 +102,9 @@ def verify(a: str | os.PathLike[str], b: str | os.PathLike[str] | None = None, *
             for c, (_, first, second) in zip(result.comparisons, pairs, strict=True):
                 c.tensors = compare_plans(first.plan, first.read, second.plan, second.read, tolerance_ulp=tol.ulp)
         if outputs:
-            job = _job(pairs[0][1], pairs[0][2], seed, latents, steps, size, prompt, prompt_embeds, scheduler,
-                       result.notes, scratch)
+            job = build_job(pairs[0][1], pairs[0][2], seed=seed, latents=latents, steps=steps, size=size,
+                            prompt=prompt, prompt_embeds=prompt_embeds, scheduler=scheduler, notes=result.notes,
+                            scratch=scratch)
             _run_pairs(pairs, job, tol, result)
             if report is not None:
                 np.save(os.path.join(_folder(report), "init_latents.npy"), job.latents)
@@ -111,7 +115,8 @@ def verify(a: str | os.PathLike[str], b: str | os.PathLike[str] | None = None, *
     return result
 
 
-def _check_args(b, dtypes, loras_b, steps, scheduler, prompt_embeds) -> None:
+def _check_args(b: object, dtypes: str | None, loras_b: Adapters, steps: int, scheduler: str,
+                prompt_embeds: str | None) -> None:
     if (b is None) == (dtypes is None):
         raise SdportError(None, "verify compares two models, or one with --dtypes", "give B or --dtypes, not both")
     if dtypes is not None and loras_b:
@@ -132,15 +137,19 @@ def _folder(path: str | os.PathLike[str]) -> str:
     return path
 
 
-def _pairs(stack, a, b, loras, loras_b, dtypes, variant, progress, scratch, outputs) -> list[tuple[str, Side, Side]]:
+Pair = tuple[str, Side, Side]
+
+
+def _pairs(stack: ExitStack, a: Source, b: Source | None, loras: Adapters, loras_b: Adapters, dtypes: str | None,
+           variant: str | None, progress: bool, scratch: str, outputs: bool) -> list[Pair]:
     """(label, reference side, other side) of each comparison."""
     if dtypes is None:
         first = open_side(stack, a, "A", loras=loras, variant=variant, progress=progress, scratch=scratch,
                           runtime=outputs)
-        second = open_side(stack, b, "B", loras=loras_b, variant=variant, progress=progress, scratch=scratch,
+        second = open_side(stack, b or a, "B", loras=loras_b, variant=variant, progress=progress, scratch=scratch,
                            runtime=outputs)
         return [("A vs B", first, second)]
-    codes = [parse_dtype(d.strip(), what="--dtypes") for d in dtypes.split(",") if d.strip()]
+    codes = [parse_dtype(d.strip(), what="--dtypes") or "F32" for d in dtypes.split(",") if d.strip()]
     if len(codes) < 2 or len(set(codes)) != len(codes):
         raise SdportError(None, f"--dtypes {dtypes!r}", "name two or more different precisions, e.g. fp32,fp16,bf16")
     sides = [open_side(stack, a, DTYPE_LABELS[c], loras=loras, variant=variant, progress=progress, scratch=scratch,
@@ -148,7 +157,7 @@ def _pairs(stack, a, b, loras, loras_b, dtypes, variant, progress, scratch, outp
     return [(f"{sides[0].label} vs {s.label}", sides[0], s) for s in sides[1:]]
 
 
-def _run_pairs(pairs, job: Job, tol: Tolerance, result: VerifyResult) -> None:
+def _run_pairs(pairs: list[Pair], job: Job, tol: Tolerance, result: VerifyResult) -> None:
     done: dict[int, dict[str, np.ndarray]] = {}
     for c, (_, first, second) in zip(result.comparisons, pairs, strict=True):
         outs = []
@@ -159,11 +168,4 @@ def _run_pairs(pairs, job: Job, tol: Tolerance, result: VerifyResult) -> None:
         c.runtimes, c.outputs = (first.runtime, second.runtime), compare_outputs(outs[0], outs[1], tol)
         if "image" in outs[0] and "image" in outs[1]:
             c.images = (outs[0]["image"], outs[1]["image"])
-
-
-def _job(a: Side, b: Side, seed, latents, steps, size, prompt, prompt_embeds, scheduler, notes, scratch) -> Job:
-    from .jobs import build_job
-
-    return build_job(a, b, seed=seed, latents=latents, steps=steps, size=size, prompt=prompt,
-                     prompt_embeds=prompt_embeds, scheduler=scheduler, notes=notes, scratch=scratch)
 

@@ -90,8 +90,11 @@ def run_job(backend: Backend, job: Job) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for c in TEXT_ENCODERS:
         if c in have and c in job.ids:
-            for name, value in backend.run(c, {"input_ids": job.ids[c]}).items():
-                out[f"{c}.{name}"] = value
+            got = backend.run(c, {"input_ids": job.ids[c]})
+            hidden = sorted((k for k in got if k.startswith("hidden_states.")), key=lambda k: int(k.split(".")[1]))
+            for name in hidden[:-2] + hidden[-1:]:  # SDXL reads the penultimate layer: that one is compared
+                del got[name]
+            out.update({f"{c}.{name}": value for name, value in got.items()})
     if "unet" in have:
         out["unet.out_sample"] = backend.run("unet", _unet_inputs(job, job.probes["sample"], PROBE_TIMESTEP,
                                                                    job.probes["encoder_hidden_states"],
@@ -119,11 +122,7 @@ def conditioning(job: Job, out: dict[str, np.ndarray]) -> tuple[np.ndarray, np.n
         return job.embeds
     if job.time_ids is None:
         return out["text_encoder.last_hidden_state"], None
-    hidden = []
-    for c in TEXT_ENCODERS:
-        layers = sorted((int(k.rsplit(".", 1)[1]), k) for k in out if k.startswith(f"{c}.hidden_states."))
-        if layers:
-            hidden.append(out[layers[-2][1]])
+    hidden = [out[k] for c in TEXT_ENCODERS for k in out if k.startswith(f"{c}.hidden_states.")]
     cond, pooled = np.concatenate(hidden, axis=-1), out["text_encoder_2.text_embeds"].copy()
     if job.zero_negative:
         cond[:1], pooled[:1] = 0.0, 0.0

@@ -7,12 +7,13 @@ temporary copy — and they are called through the export's own forward, under t
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
 import numpy as np
 
 from ...dtypes import BY_CODE
-from ...errors import SdportError
+from ...errors import MissingExtraError, SdportError
 from ...families.parts.clip import hub_name
 from ...plan import OutputTensor, compute
 from ...trace.onnx import Spec, _empty_module, _forward, _torch
@@ -23,6 +24,9 @@ class TorchBackend:
 
     def __init__(self, tensors: dict[str, dict[str, OutputTensor]], read: Callable[[str], np.ndarray],
                  configs: dict[str, dict], specs: list[Spec], *, dtype: str = "F32", label: str = ""):
+        missing = [m for m in ("torch", "diffusers", "transformers") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise MissingExtraError("verify of a model's outputs", "verify", missing)
         self.torch = _torch()
         self.tensors, self.read, self.configs, self.label = tensors, read, configs, label
         self.specs = {s.name: s for s in specs if s.name not in ("cnet", "controlnet")}

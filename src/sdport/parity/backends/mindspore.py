@@ -2,7 +2,7 @@
 
 MindSpore pins numpy < 2 and so usually lives in its own environment. A check names that
 environment's interpreter in ``SDPORT_MINDSPORE_PYTHON``; the side is then run there as
-``python -m sdport.verify.backends.mindspore SOURCE JOB OUT``: the worker opens the model with sdport,
+``python -m sdport.parity.backends.mindspore SOURCE JOB OUT``: the worker opens the model with sdport,
 runs the job saved by ``outputs.Job.save`` and saves every output as ``.npz`` (no pickles either way).
 """
 
@@ -132,7 +132,7 @@ def run_elsewhere(python: str, source: str, job: Job, folder: str, *, loras: tup
     """Run ``job`` on ``source`` in the MindSpore interpreter ``python``; its outputs."""
     job_path, out_path = os.path.join(folder, "job.npz"), os.path.join(folder, "mindspore-out.npz")
     job.save(job_path)
-    args = [python, "-m", "sdport.verify.backends.mindspore", source, job_path, out_path]
+    args = [python, "-m", "sdport.parity.backends.mindspore", source, job_path, out_path]
     args += [a for spec in loras for a in ("--lora", f"{spec.source}:{spec.ratio}")]
     args += ["--variant", variant] if variant else []
     done = subprocess.run(args, capture_output=True, text=True, stdin=subprocess.DEVNULL)
@@ -145,7 +145,7 @@ def run_elsewhere(python: str, source: str, job: Job, folder: str, *, loras: tup
 
 def main(argv: list[str] | None = None) -> int:
     """The worker: open SOURCE, run JOB, save the outputs at OUT."""
-    parser = argparse.ArgumentParser(prog="sdport.verify.backends.mindspore")
+    parser = argparse.ArgumentParser(prog="sdport.parity.backends.mindspore")
     parser.add_argument("source")
     parser.add_argument("job")
     parser.add_argument("out")
