@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Time sdport against cp+sync (and the torch/safetensors route users would otherwise take), interleaved.
 
-    python bench/run.py DATA_DIR [--suite repackage|layouts|lora|mindone|onnx] [--reps 3] [--only NAME] [--tools DIR]
-                                 [--compare SRC]
+    python bench/run.py DATA_DIR [--suite repackage|layouts|lora|mindone|onnx|verify] [--reps 3] [--only NAME]
+                                 [--tools DIR] [--compare SRC]
 
 Suites: ``repackage`` (issue 3: .ckpt ⇄ safetensors, fp32 → fp16 on a full-size SD1.5 file, built by
 make_fixtures.py) and ``layouts`` (issue 4: single file ⇄ diffusers for full-size SD1.5 with EMA and
@@ -151,6 +151,21 @@ def onnx(data: str, out: str, tools: str) -> list[tuple[str, str, list[str], str
     ]
 
 
+def verify(data: str, out: str, tools: str) -> list[tuple[str, str, list[str], str]]:
+    """``sdport verify`` of full-size SD1.5 (random weights) against its fp32 ONNX export (``sd15-onnx``, made once
+    with ``sdport convert sd15-fp32.safetensors sd15-onnx --to onnx``): the tensor check beside cp of the file, the
+    output check at 512×512 and 4 steps (torch and onnxruntime on the CPU). No other tool does either end to end:
+    the guides sdport replaces compare by hand."""
+    st, ox = os.path.join(data, "sd15-fp32.safetensors"), os.path.join(data, "sd15-onnx")
+    o = lambda name: os.path.join(out, name)  # noqa: E731
+    return [
+        ("cp+sync st", "", _cp(st, o("cp.st")), o("cp.st")),
+        ("sd15 verify --tensors st vs onnx", "cp+sync st", SDPORT + ["verify", st, ox, "--tensors"], ""),
+        ("sd15 verify --outputs 512 4 steps", "", SDPORT + ["verify", st, ox, "--outputs", "--size", "512x512",
+                                                            "--steps", "4", "--report", o("rep")], o("rep")),
+    ]
+
+
 def repackage(data: str, out: str, tools: str) -> list[tuple[str, str, list[str], str]]:
     """(name, floor name, command, output path): each op is compared with the cp of its input."""
     st, ck = os.path.join(data, "sd15-fp32.safetensors"), os.path.join(data, "sd15-fp32.ckpt")
@@ -178,6 +193,7 @@ SUITES = {"repackage": (repackage, ("sd15-fp32.safetensors", "sd15-fp32.ckpt")),
           "layouts": (layouts, ("sd15-ema.safetensors", "sdxl.safetensors", "sd15-diffusers", "sdxl-diffusers")),
           "mindone": (mindone, ("sdxl.safetensors", "sdxl-mindone.ckpt")),
           "onnx": (onnx, ("sd15-diffusers", "sd15-onnx")),
+          "verify": (verify, ("sd15-fp32.safetensors", "sd15-onnx")),
           "lora": (lora, ("sd15.safetensors", "sdxl.safetensors", "sd15-diffusers", "sdxl-diffusers",
                           "lora-sd15-r32.safetensors", "lora-sdxl-r32.safetensors", "lora-sd15-r32-b.safetensors",
                           "lora-sdxl-r32-b.safetensors"))}

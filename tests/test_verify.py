@@ -102,9 +102,15 @@ def test_one_perturbed_tensor_is_named_and_moves_the_unet_output(sd1, tmp_path) 
     assert diffs["text_encoder.last_hidden_state"]["max_abs"] == 0
 
 
-def test_torch_and_its_onnx_export_agree(sd1) -> None:
+@pytest.fixture(scope="module")
+def sd1_onnx(sd1) -> str:
     export = str(sd1["root"] / "onnx")
     assert run_cli("convert", sd1["single"], export, "--to", "onnx", "-q").code == 0
+    return export
+
+
+def test_torch_and_its_onnx_export_agree(sd1, sd1_onnx) -> None:
+    export = sd1_onnx
     result = verify(sd1["single"], export, size="64x64")
     c = result.comparisons[0]
     assert result.passed and c.runtimes == ("torch", "onnxruntime")
@@ -138,6 +144,29 @@ def test_a_merged_lora_equals_the_base_with_the_same_lora(sd1, tmp_path) -> None
     assert all(d["max_abs"] == 0 for d in c["outputs"]["diffs"])
     r = run_cli("verify", sd1["folder"], merged, *SIZE, "--tensors", "--json")  # without the adapter: different
     assert r.code == 3 and json.loads(r.out)["comparisons"][0]["tensors"]["different"] > 10
+
+
+def test_an_export_with_a_lora_blended_in_agrees_with_the_file_with_it_merged(sd1, sd1_onnx, tmp_path) -> None:
+    from test_lora import kohya_file, make_lora
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(sd1["folder"])
+    lora = kohya_file(make_lora(pipe, seed=4), str(tmp_path / "style.safetensors"))
+    result = verify(sd1["single"], sd1_onnx, loras=[f"{lora}:0.5"], loras_b=[f"{lora}:0.5"], size="64x64",
+                    steps=2)
+    c = result.comparisons[0]
+    assert result.passed and c.runtimes == ("torch", "onnxruntime") and c.tensors.identical == c.tensors.compared
+    plain = verify(sd1["single"], sd1_onnx, loras=[f"{lora}:0.5"], size="64x64", steps=2)
+    unet = next(d for d in plain.comparisons[0].outputs.diffs if d.name == "unet.out_sample")
+    assert not plain.passed and unet.max_abs > 1e-3  # the adapter on one side only
+
+
+def test_models_of_different_architectures_fail_without_running(sd1, tmp_path) -> None:
+    other = models.save_pipeline("sd2", str(tmp_path / "sd2"))
+    r = run_cli("verify", sd1["folder"], other, *SIZE, "--json")
+    assert r.code == 3, r.err
+    (c,) = json.loads(r.out)["comparisons"]
+    assert c["outputs"]["diffs"][0]["name"] == "architecture (A is sd1, B is sd2)"
+    assert c["tensors"]["different"] > 100 and "(shape " in c["tensors"]["worst"][0]["name"]
 
 
 def test_dtypes_compares_one_model_at_each_precision_one_row_each(sd1, tmp_path) -> None:

@@ -8,6 +8,7 @@ exports) and compares what came out. ``report`` writes what people look at.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from contextlib import ExitStack
@@ -19,7 +20,7 @@ import numpy as np
 from ..errors import SdportError
 from ..request import LoraSpec, parse_dtype
 from .jobs import build_job
-from .outputs import Job, OutputReport, Tolerance, compare_outputs
+from .outputs import Job, OutputDiff, OutputReport, Tolerance, compare_outputs
 from .sampling import SCHEDULERS
 from .sides import DTYPE_LABELS, Side, open_side
 from .tensors import TensorReport, compare_plans
@@ -157,15 +158,37 @@ def _pairs(stack: ExitStack, a: Source, b: Source | None, loras: Adapters, loras
     return [(f"{sides[0].label} vs {s.label}", sides[0], s) for s in sides[1:]]
 
 
+#: the config entries two runnable components must share (else one side's inputs do not fit the other)
+SHAPES = ("in_channels", "out_channels", "latent_channels", "cross_attention_dim", "block_out_channels",
+          "addition_embed_type", "projection_class_embeddings_input_dim", "hidden_size", "projection_dim")
+
+
+def mismatch(first: Side, second: Side) -> str:
+    """Why the two sides' components cannot take the same inputs ("" when they can)."""
+    if first.family != second.family:
+        return f"A is {first.family}, B is {second.family}"
+    for name in first.configs.keys() & second.configs.keys():
+        a, b = first.configs[name], second.configs[name]
+        for key in SHAPES:
+            if key in a and key in b and a[key] != b[key]:
+                return f"{name} {key}: {a[key]} vs {b[key]}"
+    return ""
+
+
 def _run_pairs(pairs: list[Pair], job: Job, tol: Tolerance, result: VerifyResult) -> None:
     done: dict[int, dict[str, np.ndarray]] = {}
     for c, (_, first, second) in zip(result.comparisons, pairs, strict=True):
+        c.runtimes = (first.runtime, second.runtime)
+        why = mismatch(first, second)
+        if why:  # not the same model: nothing to run, and a failure (3), not bad input
+            c.outputs = OutputReport([OutputDiff(f"architecture ({why})", math.inf, math.inf, passed=False)])
+            continue
         outs = []
         for side in (first, second):
             if id(side) not in done:  # the reference of --dtypes runs once
                 done[id(side)] = side.run(job)
             outs.append(done[id(side)])
-        c.runtimes, c.outputs = (first.runtime, second.runtime), compare_outputs(outs[0], outs[1], tol)
+        c.outputs = compare_outputs(outs[0], outs[1], tol)
         if "image" in outs[0] and "image" in outs[1]:
             c.images = (outs[0]["image"], outs[1]["image"])
 
