@@ -169,6 +169,18 @@ def test_models_of_different_architectures_fail_without_running(sd1, tmp_path) -
     assert c["tensors"]["different"] > 100 and "(shape " in c["tensors"]["worst"][0]["name"]
 
 
+def test_a_downloaded_source_verifies_like_the_local_file(sd1, tmp_path, monkeypatch) -> None:
+    from servers import Server
+
+    monkeypatch.setenv("SDPORT_CACHE", str(tmp_path / "cache"))
+    with Server() as server:
+        server.files["model.safetensors"] = open(sd1["single"], "rb").read()
+        result = verify(f"{server.url}/model.safetensors", sd1["folder"], size="64x64", steps=1)
+    c = result.comparisons[0]
+    assert result.passed and c.tensors.identical == c.tensors.compared > 1000
+    assert all(d.max_abs == 0 for d in c.outputs.diffs)
+
+
 def test_dtypes_compares_one_model_at_each_precision_one_row_each(sd1, tmp_path) -> None:
     r = run_cli("verify", sd1["single"], "--dtypes", "fp32,fp16,bf16", *SIZE, "--outputs", "--report", tmp_path)
     assert r.code == 0, r.err

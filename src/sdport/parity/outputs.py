@@ -30,6 +30,8 @@ class Backend(Protocol):
 
     def run(self, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
+    def release(self, component: str) -> None: ...  # the component will not run again: its memory may go
+
 
 @dataclass
 class Job:
@@ -85,30 +87,40 @@ class Job:
 
 
 def run_job(backend: Backend, job: Job) -> dict[str, np.ndarray]:
-    """Every output of the job a backend can give: components under ``component.output``, then ``image``."""
+    """Every output of the job a backend can give: components under ``component.output``, then ``image``.
+
+    Components run in an order that lets each be released once done (text encoders, VAE encoder, UNet, VAE
+    decoder), so a side holds about one component's weights at a time.
+    """
     have = backend.components
     out: dict[str, np.ndarray] = {}
     for c in TEXT_ENCODERS:
         if c in have and c in job.ids:
             got = backend.run(c, {"input_ids": job.ids[c]})
+            backend.release(c)
             hidden = sorted((k for k in got if k.startswith("hidden_states.")), key=lambda k: int(k.split(".")[1]))
             for name in hidden[:-2] + hidden[-1:]:  # SDXL reads the penultimate layer: that one is compared
                 del got[name]
             out.update({f"{c}.{name}": value for name, value in got.items()})
+    if "vae_encoder" in have:
+        out["vae_encoder.latent_sample"] = backend.run("vae_encoder", {"sample": job.probes["image"]})["latent_sample"]
+        backend.release("vae_encoder")
+    image = job.image and {"unet", "vae_decoder"} <= have
     if "unet" in have:
         out["unet.out_sample"] = backend.run("unet", _unet_inputs(job, job.probes["sample"], PROBE_TIMESTEP,
                                                                    job.probes["encoder_hidden_states"],
                                                                    job.probes.get("text_embeds")))["out_sample"]
+        if image:
+            cond, pooled = conditioning(job, out)
+            out["latents"] = sample(_denoiser(backend, job, cond, pooled), job.latents, job.schedule,
+                                    steps=job.steps, scheduler=job.scheduler)
+        backend.release("unet")
     if "vae_decoder" in have:
         out["vae_decoder.sample"] = backend.run("vae_decoder", {"latent_sample": job.probes["latent"]})["sample"]
-    if "vae_encoder" in have:
-        out["vae_encoder.latent_sample"] = backend.run("vae_encoder", {"sample": job.probes["image"]})["latent_sample"]
-    if job.image and {"unet", "vae_decoder"} <= have:
-        cond, pooled = conditioning(job, out)
-        latents = sample(_denoiser(backend, job, cond, pooled), job.latents, job.schedule, steps=job.steps,
-                         scheduler=job.scheduler)
-        out["latents"] = latents
-        out["image"] = to_pixels(backend.run("vae_decoder", {"latent_sample": latents / job.scaling_factor})["sample"])
+        if image:
+            decoded = backend.run("vae_decoder", {"latent_sample": out["latents"] / job.scaling_factor})
+            out["image"] = to_pixels(decoded["sample"])
+        backend.release("vae_decoder")
     return out
 
 

@@ -33,7 +33,8 @@ class Side:
     """A model as verify sees it: its diffusers-layout plan, how to read the plan's inputs, and its runtime."""
 
     label: str
-    shown: str
+    shown: str  # the source as the user gave it
+    path: str  # where it is on disk (a download's place in the cache)
     plan: Plan
     read: Callable[[str], np.ndarray]
     family: str
@@ -68,7 +69,7 @@ def open_side(stack: ExitStack, source: str | os.PathLike[str], label: str, *,
     found = job.model.found
     if found.family == "lora":
         raise SdportError(shown, "is a LoRA adapter: verify compares models", "merge it into one with --lora")
-    side = Side(label, shown, plan, job.source.read, found.family, found.layout, {})
+    side = Side(label, shown, job.model.path, plan, job.source.read, found.family, found.layout, {})
     if runtime:
         tensors = component_tensors(plan)
         side.configs = component_configs(plan, list(tensors))
@@ -91,7 +92,7 @@ def _attach(side: Side, kind: str, tensors, request: ConvertRequest, scratch: st
                               "ONNX export", "export it at each precision and compare the exports")
         from .backends.ort import OrtBackend
 
-        folder = side.shown if not request.loras else _blended(request, scratch, side.label, progress)
+        folder = side.path if not request.loras else _blended(request, scratch, side.label, progress)
         side.backend, side.runtime = OrtBackend(folder), "onnxruntime"
         return
     if side.layout == "mindone" and not torch_only and _mindspore(side, tensors, request, scratch):
@@ -119,7 +120,7 @@ def _mindspore(side: Side, tensors, request: ConvertRequest, scratch: str) -> bo
         side.note = (f"{side.label} is a MindOne checkpoint, run in torch: MindSpore is not installed here "
                      f"(set {mindspore.ENV} to the python of MindSpore's environment)")
         return False
-    side.worker = partial(mindspore.run_elsewhere, python, side.shown, folder=scratch, loras=request.loras,
+    side.worker = partial(mindspore.run_elsewhere, python, side.path, folder=scratch, loras=request.loras,
                           variant=request.variant)
     side.runtime = "mindspore"
     return True

@@ -104,6 +104,11 @@ class GraphBackend:
             return graph.text_encoder(self.ops, w, cfg, inputs, hidden=hidden)
         return graph.COMPONENTS[component](self.ops, w, cfg, inputs)
 
+    def release(self, component: str) -> None:
+        weights = self.specs[component].weights
+        if component != "vae_encoder":  # the decoder, still to run, shares the VAE's weights
+            self._weights.pop(weights, None)
+
     def _load(self, component: str) -> graph.Weights:
         if component not in self._weights:
             norm = hub_name if component.startswith("text_encoder") else (lambda n: n)

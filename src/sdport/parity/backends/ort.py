@@ -35,9 +35,13 @@ class OrtBackend:
             out["latent_sample"] = moments[:, : moments.shape[1] // 2]
         return out
 
+    def release(self, component: str) -> None:
+        self._sessions.pop(component, None)
+
     def _open(self, component: str):
         options = self.ort.SessionOptions()
         options.log_severity_level = 3
+        options.enable_cpu_mem_arena = False  # the arena keeps every activation's peak: a UNet's is gigabytes
         session = self.ort.InferenceSession(os.path.join(self.folder, component, "model.onnx"), options,
                                             providers=["CPUExecutionProvider"])
         self._sessions[component] = session

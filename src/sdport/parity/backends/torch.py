@@ -8,6 +8,7 @@ temporary copy — and they are called through the export's own forward, under t
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -34,6 +35,7 @@ class TorchBackend:
         self.dtype = getattr(self.torch, BY_CODE[dtype].torch_name)
         self._modules: dict[str, object] = {}
         self._calls: dict[str, Callable] = {}
+        self._released: set[str] = set()
 
     def run(self, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch, spec = self.torch, self.specs[component]
@@ -43,6 +45,14 @@ class TorchBackend:
             out = call(*args)
         out = out if isinstance(out, tuple) else (out,)
         return {n: o.float().numpy() for n, o in zip(spec.outputs, out, strict=True)}
+
+    def release(self, component: str) -> None:
+        """Drop the component's call, and its module once no component still to run shares it (the VAE's)."""
+        self._released.add(component)
+        self._calls.pop(component, None)
+        weights = self.specs[component].weights
+        if all(s.name in self._released for s in self.specs.values() if s.weights == weights):
+            self._modules.pop(weights, None)
 
     def _input(self, name: str, array: np.ndarray):
         """An input as the module takes it: floats in the module's dtype, except the timestep (diffusers embeds it in
@@ -58,10 +68,18 @@ class TorchBackend:
         return call
 
     def _tensor(self, array: np.ndarray):
-        """A torch tensor of the array's values (bfloat16, which numpy knows only through ml_dtypes, by its bits)."""
-        if array.dtype == BY_CODE["BF16"].numpy:
-            return self.torch.from_numpy(np.array(array.view(np.int16), copy=True)).view(self.torch.bfloat16)
-        return self.torch.from_numpy(np.array(array, copy=True))
+        """A torch tensor of the array's values (bfloat16, which numpy knows only through ml_dtypes, by its bits).
+
+        A tensor read unchanged is a read-only view of the input's mapping; the module keeps it as it is (inference
+        never writes a weight), so the weights are in memory once, as the file's pages.
+        """
+        bf16 = array.dtype == BY_CODE["BF16"].numpy
+        if bf16:
+            array = array.view(np.int16)
+        with warnings.catch_warnings():  # torch warns that a read-only array stays read-only: that is the point
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = self.torch.from_numpy(array)
+        return tensor.view(self.torch.bfloat16) if bf16 else tensor
 
     def _module(self, spec: Spec):
         module = _empty_module(spec, self.configs[spec.weights])
@@ -70,7 +88,9 @@ class TorchBackend:
         wanted = {norm(k): k for k in module.state_dict()}
         state = {wanted.get(norm(name), name): self._tensor(compute(t, self.read))
                  for name, t in self.tensors[spec.weights].items()}
-        missing, unexpected = module.load_state_dict(state, strict=False)
+        # assign: the module takes these tensors as they are (its own empty storage was never touched, so never
+        # resident): one copy of the weights in memory, not two
+        missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
         missing = [k for k in missing if not k.endswith("position_ids")]
         if missing or unexpected:
             names = ", ".join((missing or unexpected)[:3])
