@@ -175,7 +175,7 @@ def test_a_downloaded_source_verifies_like_the_local_file(sd1, tmp_path, monkeyp
     monkeypatch.setenv("SDPORT_CACHE", str(tmp_path / "cache"))
     with Server() as server:
         server.files["model.safetensors"] = open(sd1["single"], "rb").read()
-        result = verify(f"{server.url}/model.safetensors", sd1["folder"], size="64x64", steps=1)
+        result = verify(f"{server.url}/plain/model.safetensors", sd1["folder"], size="64x64", steps=1)
     c = result.comparisons[0]
     assert result.passed and c.tensors.identical == c.tensors.compared > 1000
     assert all(d.max_abs == 0 for d in c.outputs.diffs)
