@@ -3,7 +3,7 @@
 Each side (any form and source sdport reads, its LoRAs merged) is planned into the diffusers layout,
 as a conversion would; the tensor check compares the two plans (``tensors``), the output check runs the
 same ``outputs.Job`` through each side's runtime (torch for files and folders, onnxruntime for ONNX
-exports) and compares what came out. ``report`` writes what people look at.
+exports, MindSpore for MindOne checkpoints) and compares what came out. ``report`` writes what people look at.
 """
 
 from __future__ import annotations
