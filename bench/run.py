@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Time sdport against cp+sync (and the torch/safetensors route users would otherwise take), interleaved.
 
-    python bench/run.py DATA_DIR [--suite repackage|layouts|lora|mindone|onnx|verify] [--reps 3] [--only NAME]
+    python bench/run.py DATA_DIR [--suite repackage|layouts|lora|mindone|onnx|verify|batch] [--reps 3] [--only NAME]
                                  [--tools DIR] [--compare SRC]
 
 Suites: ``repackage`` (issue 3: .ckpt ⇄ safetensors, fp32 → fp16 on a full-size SD1.5 file, built by
@@ -166,6 +166,30 @@ def verify(data: str, out: str, tools: str) -> list[tuple[str, str, list[str], s
     ]
 
 
+def batch(data: str, out: str, tools: str) -> list[tuple[str, str, list[str], str]]:
+    """``sdport batch`` of an onnx-web extras.json naming three full-size SD1.5 models (``sd15-fp32.safetensors``
+    under three names, ``half``: ONNX fp16) beside cp+sync of the three inputs, and the diffusers repository's
+    ONNX script on one of them as a diffusers folder (``sd15-fp32-diffusers``; fp32: its fp16 needs CUDA).
+    The last repetition's per-entry walls and peaks are kept in ``DATA/batch-result.json``."""
+    st = os.path.join(data, "sd15-fp32.safetensors")
+    manifest = os.path.join(data, "batch-extras.json")
+    with open(manifest, "w") as f:
+        json.dump({"diffusion": [{"name": f"diffusion-sd15-{k}", "source": st, "half": True} for k in "abc"]}, f)
+    o = lambda name: os.path.join(out, name)  # noqa: E731
+    script = [PY, os.path.join(os.path.dirname(os.path.abspath(__file__)), "legacy_onnx_export.py"),
+              os.path.join(tools, "convert_stable_diffusion_checkpoint_to_onnx.py")]
+    cp3 = f"for k in a b c; do cp {st} {o('cp')}-$k; done && sync {o('cp')}-*"
+    result = os.path.join(data, "batch-result.json")
+    return [
+        ("cp+sync 3 sources", "", ["sh", "-c", cp3], ""),
+        ("sdport batch 3x sd15 -> onnx fp16", "cp+sync 3 sources",
+         ["sh", "-c", " ".join(SDPORT + ["batch", manifest, "--out", o("b"), "--json", ">", result])], o("b")),
+        ("diffusers script 1x sd15 -> onnx fp32", "",
+         script + ["--model_path", os.path.join(data, "sd15-fp32-diffusers"), "--output_path", o("ds"),
+                   "--opset", "17"], o("ds")),
+    ]
+
+
 def repackage(data: str, out: str, tools: str) -> list[tuple[str, str, list[str], str]]:
     """(name, floor name, command, output path): each op is compared with the cp of its input."""
     st, ck = os.path.join(data, "sd15-fp32.safetensors"), os.path.join(data, "sd15-fp32.ckpt")
@@ -194,6 +218,7 @@ SUITES = {"repackage": (repackage, ("sd15-fp32.safetensors", "sd15-fp32.ckpt")),
           "mindone": (mindone, ("sdxl.safetensors", "sdxl-mindone.ckpt")),
           "onnx": (onnx, ("sd15-diffusers", "sd15-onnx")),
           "verify": (verify, ("sd15-fp32.safetensors", "sd15-onnx")),
+          "batch": (batch, ("sd15-fp32.safetensors", "sd15-fp32-diffusers")),
           "lora": (lora, ("sd15.safetensors", "sdxl.safetensors", "sd15-diffusers", "sdxl-diffusers",
                           "lora-sd15-r32.safetensors", "lora-sdxl-r32.safetensors", "lora-sd15-r32-b.safetensors",
                           "lora-sdxl-r32-b.safetensors"))}

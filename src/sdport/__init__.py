@@ -34,20 +34,23 @@ from .errors import (
 if TYPE_CHECKING:
     from . import lora
     from .api import ConvertResult, convert, export_onnx, inspect, merge_loras, run
+    from .batching import BatchResult, batch
     from .io import open_tensors
     from .parity import VerifyResult, verify
-    from .request import ConvertRequest, LoraSpec, MindOneOptions, OnnxOptions, SingleFileOptions
+    from .request import ConvertRequest, InversionSpec, LoraSpec, MindOneOptions, OnnxOptions, SingleFileOptions
     from .sources import resolve
 
-__all__ = ["ConvertRequest", "ConvertResult", "FormatError", "HashMismatchError", "LoraSpec", "MindOneOptions",
+__all__ = ["BatchResult", "ConvertRequest", "ConvertResult", "FormatError", "HashMismatchError", "InversionSpec",
+           "LoraSpec", "MindOneOptions",
            "MissingExtraError", "OnnxOptions", "OutputError", "PlanError", "SdportError", "SingleFileOptions",
            "SourceError", "SourceNotFoundError", "UnknownKeyError", "UnsafeFileError", "VerifyResult", "convert",
-           "export_onnx", "inspect", "lora", "merge_loras", "open_tensors", "resolve", "run", "verify"]
+           "batch", "export_onnx", "inspect", "lora", "merge_loras", "open_tensors", "resolve", "run", "verify"]
 
 _WHERE = {"convert": ".api", "export_onnx": ".api", "inspect": ".api", "merge_loras": ".api", "run": ".api",
           "ConvertResult": ".api", "ConvertRequest": ".request", "LoraSpec": ".request", "OnnxOptions": ".request",
           "MindOneOptions": ".request", "SingleFileOptions": ".request", "open_tensors": ".io", "resolve": ".sources",
-          "verify": ".parity", "VerifyResult": ".parity"}
+          "verify": ".parity", "VerifyResult": ".parity", "InversionSpec": ".request", "batch": ".batching",
+          "BatchResult": ".batching"}
 
 
 def __getattr__(name: str) -> Any:

@@ -17,7 +17,7 @@ from .execute import execute
 from .lora.merge import AdapterReport
 from .model import open_model
 from .plan import Plan, validate
-from .request import ConvertRequest, LoraSpec
+from .request import ConvertRequest, InversionSpec, LoraSpec
 from .sources import Resolved, locate
 from .steps import Run, apply
 from .targets import route
@@ -54,7 +54,8 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, dtype: str =
             loras: list[str | LoraSpec] | tuple[str | LoraSpec, ...] = (), allow_unmatched: bool = False,
             lora_alpha: float | None = None, base: PathLike | None = None, allow_unknown: bool = False,
             onnx_layout: str | None = None, vae_dtype: str | None = None, opset: int | None = None,
-            controlnet: bool = False, crc: bool = False, variant: str | None = None, force: bool = False,
+            controlnet: bool = False, crc: bool = False, variant: str | None = None, vae: PathLike | None = None,
+            inversions: list[InversionSpec] | tuple[InversionSpec, ...] = (), force: bool = False,
             progress: bool = False) -> ConvertResult:
     """Convert a model file or folder to another layout, format or dtype, merging adapters on the way.
 
@@ -81,6 +82,9 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, dtype: str =
         controlnet: ONNX only: add ``cnet``, the UNet taking a ControlNet's residuals (onnx-web's layout).
         crc: MindSpore outputs only: append the ``crc_num`` trailer ``load_checkpoint(crc_check=True)`` checks.
         variant: read a diffusers folder's (or Hub repo's) weights of this variant (``fp16``).
+        vae: folders only: a VAE (file, folder or any source form) in place of the model's own.
+        inversions: folders only: textual-inversion embeddings to blend in (``InversionSpec``: source, token,
+            weight): new tokens in the tokenizer, their vectors in the text encoder.
         force: replace an existing output.
         progress: show a progress bar on a terminal.
 
@@ -99,7 +103,7 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, dtype: str =
                                    prediction_type=prediction_type, loras=loras, allow_unmatched=allow_unmatched,
                                    lora_alpha=lora_alpha, base=base, allow_unknown=allow_unknown, force=force,
                                    onnx_layout=onnx_layout, vae_dtype=vae_dtype, opset=opset, controlnet=controlnet,
-                                   crc=crc, variant=variant)
+                                   crc=crc, variant=variant, vae=vae, inversions=inversions)
     return run(request, progress=progress)
 
 

@@ -68,6 +68,23 @@ class LoraSpec:
 
 
 @dataclass(frozen=True)
+class InversionSpec:
+    """A textual-inversion embedding to blend in: where it is, the token it adds (default: the one it was trained
+    as), and the weight its vectors are multiplied by."""
+
+    source: str
+    token: str | None = None
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.weight):
+            raise SdportError(self.source, f"inversion weight {self.weight} is not a finite number", None)
+        if self.token is not None and (not self.token.strip() or any(c.isspace() for c in self.token)):
+            raise SdportError(self.source, f"inversion token {self.token!r} is empty or has spaces",
+                              "give a token like <my-style>")
+
+
+@dataclass(frozen=True)
 class SingleFileOptions:
     """``--to single-file``: the file's format (``safetensors``, ``ckpt`` — PyTorch's zip — or ``mindspore``)."""
 
@@ -120,6 +137,8 @@ class ConvertRequest:
     options: TargetOptions = None
     variant: str | None = None  # the diffusers weight variant to read (fp16), of a folder or a Hub repo
     in_memory: bool = False  # the plan is computed in memory (verify), never written: a no-op plan is fine
+    vae: str | None = None  # a VAE (any source form) in place of the model's own
+    inversions: tuple[InversionSpec, ...] = ()
 
     @property
     def single_file(self) -> bool:
@@ -134,7 +153,8 @@ class ConvertRequest:
               lora_alpha: float | None = None, base: str | os.PathLike[str] | None = None,
               allow_unknown: bool = False, force: bool = False, onnx_layout: str | None = None,
               vae_dtype: str | None = None, opset: int | None = None, controlnet: bool = False,
-              crc: bool = False, variant: str | None = None) -> ConvertRequest:
+              crc: bool = False, variant: str | None = None, vae: str | os.PathLike[str] | None = None,
+              inversions: list[InversionSpec] | tuple[InversionSpec, ...] = ()) -> ConvertRequest:
         """A checked request from the options ``sdport convert`` and ``sdport.convert`` take."""
         src, dst = os.fspath(src), os.fspath(dst)
         if to is not None and to not in TARGETS:
@@ -153,9 +173,13 @@ class ConvertRequest:
         if prediction_type is not None and target in ("single-file", "mindspore"):
             raise SdportError(None, "--prediction-type is written into a diffusers or ONNX folder's scheduler",
                               "drop it, or convert to a folder")
+        if (vae is not None or inversions) and target in ("single-file", "mindspore"):
+            raise SdportError(src, "--vae and inversions go into a diffusers folder or an ONNX export (the "
+                              "tokenizer is a file of its own)", "convert to a folder")
         return cls(src, dst, target, parse_dtype(dtype), _components(components), ema,
                    _prediction_type(prediction_type), specs, allow_unmatched, lora_alpha,
-                   None if base is None else os.fspath(base), allow_unknown, force, options, variant or None)
+                   None if base is None else os.fspath(base), allow_unknown, force, options, variant or None,
+                   vae=None if vae is None else os.fspath(vae), inversions=tuple(inversions))
 
 
 def _has_suffix(path: str) -> bool:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from .dtypes import BY_CODE
 from .errors import SdportError
 from .families import UNET, Family
+from .inversion import add_inversions
 from .io.base import TensorSource
 from .model import Model, open_model
 from .plan import OutputFile, Plan, derive
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from .targets import Target
 
 BASE = "base:"
+VAE = "vae:"
 #: an original file with at least this many ``model_ema.`` tensors carries the UNet's EMA copy (a handful are
 #: bookkeeping: decay, num_updates)
 EMA_MIN = 100
@@ -142,6 +144,39 @@ def into_base(plan: Plan, run: Run) -> Plan:
     return Plan([OutputFile(out.path, out.writer, tensors, out.metadata)], dropped)
 
 
+def replace_vae(plan: Plan, run: Run) -> Plan:
+    """With a VAE source, its weights in place of the model's own VAE (same names and shapes, or refused)."""
+    if run.request.vae is None:
+        return plan
+    from .request import ConvertRequest
+    from .targets import diffusers
+
+    vae = run.open(run.request.vae)
+    if vae.family().name != "vae" or vae.kind == "onnx":
+        raise SdportError(vae.path, f"is a {vae.kind} {vae.family().name} model, not a VAE",
+                          "give a VAE file or folder")
+    planner = diffusers.from_original if vae.kind == "original" else (lambda m, r: diffusers.folder_plan(m))
+    mine = next((f for f in plan.files if f.path.startswith("vae/")), None)
+    if mine is None:
+        raise SdportError(run.model.path, "has no VAE to replace", "drop the VAE, or convert the whole model")
+    vae_plan = planner(vae, ConvertRequest(vae.path, "vae"))
+    theirs = {t.name: t for f in vae_plan.files for t in f.tensors}
+    names = run.source.join(VAE, vae.source)
+    for k, t in enumerate(mine.tensors):
+        new = theirs.pop(t.name, None)
+        if new is None or new.shape != t.shape:
+            got = "lacks it" if new is None else f"has it as {list(new.shape)}"
+            raise SdportError(vae.path, f"the model's VAE has '{t.name}' {list(t.shape)}, this VAE {got}",
+                              "the VAE is of another architecture")
+        plan.dropped.update({i: f"VAE weight replaced by {vae.path}" for i in t.reads})
+        mine.tensors[k] = replace(new, inputs=tuple(names[i] for i in new.inputs))
+    if theirs:
+        raise SdportError(vae.path, f"has {len(theirs)} weights the model's VAE lacks, e.g. '{next(iter(theirs))}'",
+                          "the VAE is of another architecture")
+    plan.dropped.update({names[k]: why for k, why in vae_plan.dropped.items()})
+    return plan
+
+
 def merge_loras(plan: Plan, run: Run) -> Plan:
     """With --lora, each adapter's modules become patches on the base weights they update (``lora.merge``)."""
     request = run.request
@@ -168,7 +203,7 @@ def cast(plan: Plan, run: Run) -> Plan:
 
 
 Step = Callable[[Plan, Run], Plan]
-STEPS: tuple[Step, ...] = (place_unknown, take_ema, into_base, merge_loras, cast)
+STEPS: tuple[Step, ...] = (place_unknown, take_ema, into_base, replace_vae, merge_loras, add_inversions, cast)
 
 
 def apply(plan: Plan, run: Run) -> Plan:

@@ -1,0 +1,154 @@
+"""Textual-inversion embeddings blended into a model: new tokens in its tokenizer, their vectors as new rows of its
+text encoder's token embedding — what onnx-web does for a manifest's ``inversions``, streamed like any plan.
+
+An embedding file is one of: A1111's ``.pt`` (``string_to_param`` → ``*``) or ``.safetensors`` (``emb_params``),
+diffusers' ``learned_embeds`` (one entry, named after its token), or an SDXL embedding (``clip_l`` and
+``clip_g``, for the two text encoders). Tokens are named as onnx-web names them (``token_rows``); every
+vector is multiplied by the entry's weight. The new rows are computed in memory (a few KB) and
+joined to the run's source; the embedding matrix becomes ``concat(matrix, rows)``; ``vocab_size`` in the
+text encoder's config and the tokenizer's added tokens follow.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .dtypes import BY_CODE
+from .errors import SdportError
+from .families.configs import json_bytes
+from .io import open_file
+from .plan import Plan, derive
+from .sources import locate
+
+if TYPE_CHECKING:
+    from .steps import Run
+
+EMBEDDING = "text_model.embeddings.token_embedding.weight"
+#: an SDXL embedding's entries → the text encoder each one goes to
+SDXL_KEYS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
+#: A1111 stops at 75 vectors (a prompt's length); more is not an embedding
+MAX_VECTORS = 75
+#: A1111's entry in a .pt embedding (``string_to_param`` → ``*``) and in a .safetensors one
+A1111_KEYS = {"string_to_param.*", "emb_params"}
+
+
+def vectors(path: str) -> tuple[str, dict[str, np.ndarray]]:
+    """The token a diffusers ``learned_embeds`` file was trained as ("" for other formats) and the file's vectors
+    per text encoder, each ``[N, width]`` fp32."""
+    with open_file(path) as source:
+        names, trained = list(source.tensors), ""
+        if set(names) & set(SDXL_KEYS):
+            picked = {SDXL_KEYS[k]: k for k in names if k in SDXL_KEYS}
+        elif A1111_KEYS & set(names):
+            picked = {"text_encoder": next(k for k in names if k in A1111_KEYS)}
+        elif len(names) == 1:  # diffusers' learned_embeds: {token: vector}
+            picked, trained = {"text_encoder": names[0]}, names[0]
+        else:
+            shown = ", ".join(names[:4]) or "no tensors"
+            raise SdportError(path, f"not a textual-inversion embedding ({shown})",
+                              "give an A1111 .pt/.safetensors embedding or a diffusers learned_embeds file")
+        rows = {enc: _rows(path, k, source.tensors[k].dtype, source.read(k)) for enc, k in picked.items()}
+    return trained, rows
+
+
+def _rows(path: str, name: str, dtype: str, array: np.ndarray) -> np.ndarray:
+    if not BY_CODE[dtype].is_float or array.ndim not in (1, 2) or array.size == 0:
+        raise SdportError(path, f"'{name}' is {dtype} {list(array.shape)}, not embedding vectors", None)
+    rows = array.reshape(1, -1) if array.ndim == 1 else array
+    if rows.shape[0] > MAX_VECTORS:
+        raise SdportError(path, f"'{name}' has {rows.shape[0]} vectors (at most {MAX_VECTORS})", None)
+    rows = rows.astype(np.float32)
+    if not np.isfinite(rows).all():
+        raise SdportError(path, f"'{name}' holds NaN or infinite values", "the embedding is damaged")
+    return rows
+
+
+def token_rows(token: str, trained: str, rows: np.ndarray, weight: float) -> tuple[list[str], np.ndarray]:
+    """The tokens an embedding adds and their vectors, as onnx-web names them: a learned_embeds vector under
+    ``token`` and the token it was trained as; an A1111 or SDXL embedding's N vectors as ``TOKEN-0`` …
+    ``TOKEN-{N-1}``, and their sum as ``TOKEN`` and ``TOKEN-all``."""
+    scaled = rows * np.float32(weight)
+    if trained and len(scaled) == 1:
+        names = list(dict.fromkeys([token, trained]))
+        return names, np.repeat(scaled, len(names), axis=0)
+    total = scaled.sum(axis=0, keepdims=True)
+    names = [f"{token}-{i}" for i in range(len(scaled))] + [token, f"{token}-all"]
+    return names, np.concatenate([scaled, total, total])
+
+
+def add_inversions(plan: Plan, run: Run) -> Plan:
+    """Each inversion of the request: its tokens in the tokenizers, its vectors as rows of the text encoders."""
+    specs = run.request.inversions
+    if not specs:
+        return plan
+    added: dict[str, tuple[list[str], list[np.ndarray]]] = {}
+    for spec in specs:
+        path = locate(spec.source, kind="adapter", progress=run.progress).path
+        trained, per_encoder = vectors(path)
+        token = spec.token or trained
+        if not token:
+            raise SdportError(path, "the embedding names no token", "give the inversion a token")
+        for encoder, rows in per_encoder.items():
+            names, values = token_rows(token, trained, rows, spec.weight)
+            tokens, arrays = added.setdefault(encoder, ([], []))
+            tokens += names
+            arrays.append(values)
+    for encoder, (tokens, arrays) in added.items():
+        _extend(plan, run, encoder, tokens, np.concatenate(arrays))
+    return plan
+
+
+def _extend(plan: Plan, run: Run, encoder: str, tokens: list[str], rows: np.ndarray) -> None:
+    """The encoder's embedding matrix with ``rows`` appended, its config's vocab_size and its tokenizer's tokens."""
+    out = next((f for f in plan.files if f.path.startswith(encoder + "/")), None)
+    k = next((i for i, t in enumerate(out.tensors) if t.name == EMBEDDING), None) if out else None
+    if out is None or k is None:
+        raise SdportError(run.model.path, f"an inversion needs the model's {encoder}, which it lacks",
+                          "drop the inversion, or convert the whole model")
+    old = out.tensors[k]
+    if rows.shape[1] != old.shape[1]:
+        raise SdportError(run.model.path, f"an inversion's vectors are {rows.shape[1]} wide, {encoder}'s tokens "
+                          f"{old.shape[1]}", "the embedding was trained for another model")
+    if old.op != "identity" or old.patches:
+        raise SdportError(run.model.path, f"{encoder}'s token embedding is computed, not read", None)
+    name = run.source.put(f"inversion:{encoder}", rows)
+    out.tensors[k] = replace(derive(old.name, None, run.source, (*old.inputs, name), "concat", (0,)), dtype=old.dtype)
+    vocab = old.shape[0]
+    config = f"{encoder}/config.json"
+    if config in plan.extra:
+        doc = json.loads(plan.extra[config])
+        plan.extra[config] = json_bytes({**doc, "vocab_size": vocab + len(tokens)})
+    tokenizer = encoder.replace("text_encoder", "tokenizer")
+    plan.extra.update(add_tokens({k: v for k, v in plan.extra.items() if k.startswith(tokenizer + "/")},
+                                 tokenizer, tokens, vocab))
+
+
+def add_tokens(files: dict[str, bytes], folder: str, tokens: list[str], first: int) -> dict[str, bytes]:
+    """A CLIP tokenizer's files with ``tokens`` added as ids ``first``, ``first + 1`` …, as transformers'
+    ``add_tokens`` saves them (``added_tokens.json``, ``tokenizer_config.json``, ``tokenizer.json`` if present)."""
+    if f"{folder}/tokenizer_config.json" not in files:
+        raise SdportError(None, f"an inversion adds tokens to {folder}, which the model lacks",
+                          "convert a model that has its tokenizer")
+    vocab = json.loads(files.get(f"{folder}/vocab.json", b"{}"))
+    added = json.loads(files.get(f"{folder}/added_tokens.json", b"{}"))
+    clash = next((t for t in tokens if t in vocab or t in added or tokens.count(t) > 1), None)
+    if clash is not None:
+        raise SdportError(None, f"token {clash!r} is already in {folder}", "give the inversion another token")
+    if len(vocab) + len(added) != first:
+        raise SdportError(None, f"{folder} has {len(vocab) + len(added)} tokens, its text encoder {first}",
+                          "the tokenizer is not the text encoder's")
+    ids = {t: first + i for i, t in enumerate(tokens)}
+    entry = {"lstrip": False, "normalized": True, "rstrip": False, "single_word": False, "special": False}
+    config = json.loads(files[f"{folder}/tokenizer_config.json"])
+    decoder = {**config.get("added_tokens_decoder", {}), **{str(i): {"content": t, **entry} for t, i in ids.items()}}
+    out = {f"{folder}/added_tokens.json": json_bytes({**added, **ids}),
+           f"{folder}/tokenizer_config.json": json_bytes({**config, "added_tokens_decoder": decoder})}
+    if f"{folder}/tokenizer.json" in files:
+        fast = json.loads(files[f"{folder}/tokenizer.json"])
+        fast["added_tokens"] = fast.get("added_tokens", []) + [{"id": i, "content": t, **entry} for t, i in ids.items()]
+        out[f"{folder}/tokenizer.json"] = json_bytes(fast)
+    return out
