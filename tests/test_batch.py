@@ -133,6 +133,19 @@ def test_export_gives_the_image_of_diffusers_with_the_same_lora_and_embeddings(r
     assert np.abs(got - without).max() > 1e-2  # the LoRA and the embeddings changed the image
 
 
+@pytest.mark.parametrize("name, tol", [("diffusion-legacy", 1e-4), ("diffusion-civitai-sd1", 0.05)])
+def test_plain_entries_give_the_torch_image(run, files, name, tol) -> None:
+    onnx_pipe = diffusers.OnnxStableDiffusionPipeline.from_pretrained(str(run["out"] / name),
+                                                                       provider="CPUExecutionProvider")
+    latents = np.random.default_rng(4).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    kw = dict(num_inference_steps=2, height=64, width=64, output_type="np", guidance_scale=7.5)
+    dtype = onnx_pipe.unet.model.get_inputs()[0].type
+    got = onnx_pipe("a photo of a red cat", latents=latents.astype(np.float16 if "16" in dtype else np.float32),
+                    **kw).images
+    want = files["pipe"]("a photo of a red cat", latents=torch.tensor(latents), **kw).images
+    assert got.shape == want.shape and np.abs(got.astype(np.float32) - want).max() < tol
+
+
 def test_onnx_web_token_names(run) -> None:
     tok = json.loads((run["out"] / "diffusion-styled" / "tokenizer" / "added_tokens.json").read_text())
     assert tok == {"<cat-toy>": 49408, "foo-style-0": 49409, "foo-style-1": 49410, "foo-style": 49411,
@@ -214,6 +227,21 @@ def test_sdports_own_manifest_equals_the_same_conversions(files, tmp_path) -> No
     assert (tmp_path / "out" / "a" / "diffusers" / "model_index.json").exists()
     again = sdport.batch(files["root"] / "own.json", tmp_path / "out", force=True, only=["b"])
     assert [e.status for e in again.entries] == ["ok"]
+
+
+def test_hashes_as_manifests_carry_them(files, tmp_path) -> None:
+    import hashlib
+
+    st = files["root"] / "sd1.safetensors"
+    with open(st, "rb") as f:
+        f.seek(0x100000)
+        old = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]  # A1111's first model hash
+    models = [{"name": n, "source": str(st), "hash": h, "outputs": [{"path": n, "to": "diffusers"}]}
+              for n, h in (("full", sha256(st)), ("autov2", sha256(st)[:10]), ("old", old), ("wrong", "0" * 10))]
+    (tmp_path / "m.json").write_text(json.dumps({"sdport": 1, "models": models}))
+    result = sdport.batch(tmp_path / "m.json", tmp_path / "out")
+    assert [e.status for e in result.entries] == ["ok", "ok", "ok", "failed"]
+    assert "is not the manifest's hash" in result.entries[3].error and not (tmp_path / "out" / "wrong").exists()
 
 
 def test_ctrl_c_removes_the_running_entry_and_a_rerun_continues(files, tmp_path) -> None:

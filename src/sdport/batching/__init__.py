@@ -73,7 +73,8 @@ def batch(manifest: str | os.PathLike[str], out: str | os.PathLike[str], *, exec
     result = BatchResult(manifest, out)
     if dry_run:
         before = _record(out)
-        result.entries = [_planned(e, before.get(e.name), force) for e in entries]
+        result.entries = [EntryResult(e.name, e.where, "skipped" if not force and _done(e, before.get(e.name), out)
+                                      else "planned", list(e.outputs)) for e in entries]
         return result
     os.makedirs(out, exist_ok=True)
     with _locked(out):
@@ -156,11 +157,6 @@ def _done(entry: Entry, record: dict | None, out: str) -> bool:
 
 def _same(source: str, recorded: str) -> bool:
     return recorded.startswith("sha256:") and not os.path.exists(source) or fingerprint(source) == recorded
-
-
-def _planned(entry: Entry, record: dict | None, force: bool) -> EntryResult:
-    skip = not force and record is not None and record.get("status") == "ok" and record.get("key") == entry_key(entry)
-    return EntryResult(entry.name, entry.where, "skipped" if skip else "planned", list(entry.outputs))
 
 
 @contextmanager

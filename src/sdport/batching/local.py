@@ -23,7 +23,7 @@ EXPORT_BASE, STREAM_PEAK = 1 << 30, 512 << 20
 
 def expected_peak(entry: Entry) -> int:
     """The memory an entry is expected to peak at, from what it does and the size of its local source."""
-    if entry.action != "export":
+    if entry.action != "export" and not any(r.target == "onnx" for r in entry.requests):
         return STREAM_PEAK
     size = 0
     if os.path.isfile(entry.source):

@@ -39,7 +39,7 @@ class ManifestError(SdportError):
 
     @property
     def lines(self) -> list[str]:
-        return [f"sdport: {self.path}: {p}" for p in self.problems]
+        return [f"sdport: error: {self.path}: {p}" for p in self.problems]
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ def run_ray(entries: list[Entry], out: str, address: str | None, done: Callable[
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     memory = ray.cluster_resources().get("memory", 0)
-    task = ray.remote(max_retries=RETRIES, retry_exceptions=False, num_cpus=1)(run_entry)
+    # a fresh worker process per entry: its peak RSS is the entry's, and torch's memory goes back when it ends
+    task = ray.remote(max_retries=RETRIES, retry_exceptions=False, num_cpus=1, max_calls=1)(run_entry)
     refs = {task.options(memory=min(expected_peak(e), int(memory * 0.8))).remote(e, out): e for e in entries}
     while refs:
         finished, _ = ray.wait(list(refs), num_returns=1)

@@ -117,11 +117,11 @@ def _checked(entry: Entry, result: EntryResult, *, kind: str = "model") -> str:
     got = locate(entry.source, kind=kind)
     if got.sha256:
         result.inputs[entry.source] = "sha256:" + got.sha256
-    if entry.hash:
-        if not os.path.isfile(got.path):
-            raise SdportError(got.shown, "the manifest gives a hash, and the source is a folder", "drop the hash")
+    if entry.hash and not os.path.isfile(got.path):
+        result.notes.append("hash not checked: the source is a folder (each of its files was checked as fetched)")
+    elif entry.hash:
         sha = got.sha256 or _sha256(got.path)
-        if not sha.startswith(entry.hash):
+        if not sha.startswith(entry.hash) and not (len(entry.hash) == 8 and _old_hash(got.path) == entry.hash):
             raise HashMismatchError(got.shown, f"SHA-256 {sha[:16]}… is not the manifest's hash {entry.hash[:16]}…",
                                     "the file is not the one the manifest names")
     return got.path
@@ -133,6 +133,13 @@ def _sha256(path: str) -> str:
         while chunk := f.read(8 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _old_hash(path: str) -> str:
+    """A1111's first model hash (8 hex digits: SHA-256 of the 64 KiB at 1 MiB), which old manifests still carry."""
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
 
 
 def _export(entry: Entry, staging: str, result: EntryResult) -> list[str]:

@@ -70,7 +70,7 @@ SDPORT: dict = {
         "models": {"type": "array", "items": {
             "type": "object", "additionalProperties": False, "required": ["name", "source", "outputs"],
             "properties": {
-                "name": _NAME, "source": _STR, "hash": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
+                "name": _NAME, "source": _STR, "hash": {"type": "string", "pattern": "^[0-9a-fA-F]{8,64}$"},
                 "variant": _STR, "vae": _STR,
                 "loras": {"type": "array", "items": {"oneOf": [_STR, _RATIO_SOURCE]}},
                 "inversions": {"type": "array", "items": {
