@@ -60,7 +60,7 @@ def _extras(files: dict, civitai_hash: str) -> dict:
                             {"name": "foo", "source": "foo.pt", "token": "foo-style", "model": "embeddings"}],
              "hash": sha256(files["root"] / "sd1.safetensors")},
             {"name": "civitai-sd1", "source": "civitai://6266", "hash": civitai_hash, "half": True},
-            {"name": "diffusion-xl", "source": "xl.safetensors", "pipeline": "txt2img-sdxl"},
+            {"name": "diffusion-xl", "source": "xl.safetensors", "pipeline": "txt2img-sdxl", "version": "v1"},
             {"name": "diffusion-badhash", "source": "sd1.safetensors", "hash": "ab" * 32},
             ["diffusion-legacy", "./sd1.safetensors", False, False, 16],
         ],
@@ -99,6 +99,8 @@ def test_every_entry_is_done_or_fails_by_name(run, files) -> None:
     assert sha256(run["out"] / "lora" / "style.safetensors") == sha256(files["root"] / "style.safetensors")
     assert (run["out"] / "inversion" / "foo.pt").exists() and (run["out"] / ".cache" / "upscaling-esrgan.pth").exists()
     assert "kept, not converted" in first.out
+    xl = next(e for e in record["entries"] if e["name"] == "diffusion-xl")
+    assert xl["notes"] == ["version v1 says sd1, the file is sdxl-base: converted as sdxl-base"]
     hashed = (run["out"] / "diffusion-styled" / "hash.txt").read_text().strip()
     assert hashed == sha256(files["root"] / "sd1.safetensors")
     for e in record["entries"]:
@@ -218,14 +220,16 @@ def _own_manifest(files: dict) -> dict:
 
 
 def test_sdports_own_manifest_equals_the_same_conversions(files, tmp_path) -> None:
-    (files["root"] / "own.json").write_text(json.dumps(_own_manifest(files)))
-    result = sdport.batch(files["root"] / "own.json", tmp_path / "out")
+    import yaml
+
+    (files["root"] / "own.yaml").write_text(yaml.safe_dump(_own_manifest(files)))
+    result = sdport.batch(files["root"] / "own.yaml", tmp_path / "out")
     assert result.ok and [e.status for e in result.entries] == ["ok"] * 3
     sdport.convert(files["root"] / "sd1.safetensors", tmp_path / "want.safetensors", dtype="fp16",
                    loras=[f"{files['root']}/style.safetensors:0.5"])
     assert sha256(tmp_path / "out" / "a" / "model-fp16.safetensors") == sha256(tmp_path / "want.safetensors")
     assert (tmp_path / "out" / "a" / "diffusers" / "model_index.json").exists()
-    again = sdport.batch(files["root"] / "own.json", tmp_path / "out", force=True, only=["b"])
+    again = sdport.batch(files["root"] / "own.yaml", tmp_path / "out", force=True, only=["b"])
     assert [e.status for e in again.entries] == ["ok"]
 
 
@@ -242,6 +246,22 @@ def test_hashes_as_manifests_carry_them(files, tmp_path) -> None:
     result = sdport.batch(tmp_path / "m.json", tmp_path / "out")
     assert [e.status for e in result.entries] == ["ok", "ok", "ok", "failed"]
     assert "is not the manifest's hash" in result.entries[3].error and not (tmp_path / "out" / "wrong").exists()
+
+
+def test_jobs_are_bounded_by_memory_as_well_as_count(files, tmp_path, monkeypatch) -> None:
+    from sdport.batching import local
+
+    models = [{"name": n, "source": str(files["root"] / "sd1.safetensors"),
+               "outputs": [{"path": n, "to": "diffusers"}]} for n in "abc"]
+    (tmp_path / "m.json").write_text(json.dumps({"sdport": 1, "models": models}))
+
+    def overlaps(result) -> bool:
+        spans = sorted((e.started, e.started + e.seconds) for e in result.entries)
+        return any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))
+
+    assert overlaps(sdport.batch(tmp_path / "m.json", tmp_path / "wide", jobs=3))
+    monkeypatch.setattr(local, "available_memory", lambda: int(local.STREAM_PEAK * 1.5 / 0.8))
+    assert not overlaps(sdport.batch(tmp_path / "m.json", tmp_path / "narrow", jobs=3))
 
 
 def test_ctrl_c_removes_the_running_entry_and_a_rerun_continues(files, tmp_path) -> None:

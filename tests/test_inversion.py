@@ -79,3 +79,19 @@ def test_tokenizer_files_say_the_tokens_as_transformers_saves_them(xl) -> None:
     config = json.loads((out / "tokenizer_2" / "tokenizer_config.json").read_text())
     assert config["added_tokens_decoder"]["49408"]["content"] == "xlstyle-0"
     assert np.array_equal(tok("xlstyle").input_ids, [49406, 49410, 49407])
+
+
+def test_cli_flags_give_the_api_result(xl, tmp_path) -> None:
+    from conftest import run_cli, sha256
+
+    emb = xl["root"] / "xl-emb.safetensors"
+    r = run_cli("convert", xl["root"] / "xl.safetensors", tmp_path / "cli", "--vae", xl["root"] / "vae",
+                "--inversion", f"xlstyle={emb}:0.5", "-q")
+    assert r.code == 0, r.err
+    for rel in ("text_encoder_2/model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                "tokenizer_2/added_tokens.json", "text_encoder/config.json"):
+        assert sha256(tmp_path / "cli" / rel) == sha256(xl["root"] / "out" / rel), rel
+    assert InversionSpec.parse(f"{emb}:0.5") == InversionSpec(str(emb), None, 0.5)
+    assert InversionSpec.parse("civitai://7?type=Model") == InversionSpec("civitai://7?type=Model")
+    r = run_cli("convert", xl["root"] / "xl.safetensors", tmp_path / "v", "--vae", xl["root"] / "vae", "--verify")
+    assert r.code == 2 and "--verify" in r.err and not (tmp_path / "v").exists()

@@ -32,6 +32,8 @@ EMBEDDING = "text_model.embeddings.token_embedding.weight"
 SDXL_KEYS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
 #: A1111 stops at 75 vectors (a prompt's length); more is not an embedding
 MAX_VECTORS = 75
+#: wider than any CLIP text encoder (bigG: 1280)
+MAX_WIDTH = 8192
 #: A1111's entry in a .pt embedding (``string_to_param`` → ``*``) and in a .safetensors one
 A1111_KEYS = {"string_to_param.*", "emb_params"}
 
@@ -51,16 +53,20 @@ def vectors(path: str) -> tuple[str, dict[str, np.ndarray]]:
             shown = ", ".join(names[:4]) or "no tensors"
             raise SdportError(path, f"not a textual-inversion embedding ({shown})",
                               "give an A1111 .pt/.safetensors embedding or a diffusers learned_embeds file")
-        rows = {enc: _rows(path, k, source.tensors[k].dtype, source.read(k)) for enc, k in picked.items()}
-    return trained, rows
+        for k in picked.values():  # checked before a byte is read: a hostile file may claim any shape
+            _check_shape(path, k, source.tensors[k].dtype, tuple(source.tensors[k].shape))
+        rows = {enc: source.read(k).reshape(-1, source.tensors[k].shape[-1]) for enc, k in picked.items()}
+    return trained, {enc: _finite(path, picked[enc], r) for enc, r in rows.items()}
 
 
-def _rows(path: str, name: str, dtype: str, array: np.ndarray) -> np.ndarray:
-    if not BY_CODE[dtype].is_float or array.ndim not in (1, 2) or array.size == 0:
-        raise SdportError(path, f"'{name}' is {dtype} {list(array.shape)}, not embedding vectors", None)
-    rows = array.reshape(1, -1) if array.ndim == 1 else array
-    if rows.shape[0] > MAX_VECTORS:
-        raise SdportError(path, f"'{name}' has {rows.shape[0]} vectors (at most {MAX_VECTORS})", None)
+def _check_shape(path: str, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+    if not BY_CODE[dtype].is_float or len(shape) not in (1, 2) or 0 in shape or shape[-1] > MAX_WIDTH:
+        raise SdportError(path, f"'{name}' is {dtype} {list(shape)}, not embedding vectors", None)
+    if len(shape) == 2 and shape[0] > MAX_VECTORS:
+        raise SdportError(path, f"'{name}' has {shape[0]} vectors (at most {MAX_VECTORS})", None)
+
+
+def _finite(path: str, name: str, rows: np.ndarray) -> np.ndarray:
     rows = rows.astype(np.float32)
     if not np.isfinite(rows).all():
         raise SdportError(path, f"'{name}' holds NaN or infinite values", "the embedding is damaged")

@@ -76,6 +76,15 @@ class InversionSpec:
     token: str | None = None
     weight: float = 1.0
 
+    @classmethod
+    def parse(cls, spec: str) -> InversionSpec:
+        """``[TOKEN=]FILE[:WEIGHT]`` (``--inversion``): the token before an ``=``, the weight as ``--lora``'s ratio."""
+        token, sep, rest = spec.partition("=")
+        if not sep or "/" in token or "\\" in token or os.path.exists(spec):
+            token, rest = "", spec
+        file = LoraSpec.parse(rest)
+        return cls(file.source, token or None, file.ratio)
+
     def __post_init__(self) -> None:
         if not math.isfinite(self.weight):
             raise SdportError(self.source, f"inversion weight {self.weight} is not a finite number", None)

@@ -2,8 +2,10 @@
 
 ``place_unknown`` lets through what no rule knows (``--allow-unknown``); ``take_ema`` reads the UNet's EMA
 copy instead of its weights (``--ema``); ``into_base`` puts the input's tensors into a whole model
-(``--base``); ``merge_loras`` adds each adapter's update as patches (``--lora``); ``cast`` gives float
-tensors the dtype asked for. A step that reads another model opens it through ``Run.open`` and
+(``--base``); ``replace_vae`` reads another VAE's weights in place of the model's (``vae=``);
+``merge_loras`` adds each adapter's update as patches (``--lora``); ``add_inversions`` blends textual-inversion
+embeddings into the text encoders and tokenizers (``inversion``); ``cast`` gives float tensors the dtype asked
+for. A step that reads another model opens it through ``Run.open`` and
 joins its tensors into ``Run.source`` under a prefix (``base:``, ``lora<i>:``), so the plan streams
 every input from one source and the output can never replace any of them.
 """

@@ -30,7 +30,8 @@ class EntryResult:
     Attributes:
         status: ``ok``, ``failed``, ``skipped`` (done before, inputs unchanged) or ``planned`` (``dry_run``).
         outputs: the paths written, relative to the batch's folder.
-        seconds / peak_rss: wall time, and the peak resident memory (bytes) of the process that ran it.
+        started / seconds / peak_rss: when it started (seconds since the epoch), its wall time, and the peak
+            resident memory (bytes) of the process that ran it.
         error: the one-line error of a failed entry.
         notes: what the user should know (a hint that disagrees with the model, a file kept unconverted).
         inputs: each source → its fingerprint (SHA-256 when known, else size and modification time).
@@ -41,6 +42,7 @@ class EntryResult:
     where: str
     status: str
     outputs: list[str] = field(default_factory=list)
+    started: float = 0.0
     seconds: float = 0.0
     peak_rss: int = 0
     error: str = ""
@@ -79,7 +81,7 @@ def fingerprint(source: str) -> str:
 def run_entry(entry: Entry, out: str) -> EntryResult:
     """Carry out one entry into ``out`` (a folder every worker sees); never raises for a bad entry."""
     start = time.monotonic()
-    result = EntryResult(entry.name, entry.where, "failed", key=entry_key(entry),
+    result = EntryResult(entry.name, entry.where, "failed", key=entry_key(entry), started=time.time(),
                          inputs={s: fingerprint(s) for s in entry.sources})
     staging = os.path.join(out, STAGING, f"{entry.name.replace('/', '_')}.{socket.gethostname()}.{os.getpid()}")
     try:
@@ -150,8 +152,8 @@ def _export(entry: Entry, staging: str, result: EntryResult) -> list[str]:
     path = _checked(entry, result)
     (request,) = entry.requests
     with open_model(path, variant=request.variant) as model:
-        family = model.found.family
-    result.notes += _hint_notes(dict(entry.hints), family)
+        family, variant = model.found.family, model.found.variant
+    result.notes += _hint_notes(dict(entry.hints), family, variant)
     options = replace(request.options, layout="optimum" if family.startswith("sdxl") else "diffusers")
     run(replace(request, output=os.path.join(staging, request.output), options=options))
     if entry.hash:  # onnx-web's converter records it there; its server shows it as the image's model hash
@@ -160,7 +162,8 @@ def _export(entry: Entry, staging: str, result: EntryResult) -> list[str]:
     return [request.output]
 
 
-def _hint_notes(hints: dict[str, str], family: str) -> list[str]:
+def _hint_notes(hints: dict[str, str], family: str, variant: str) -> list[str]:
+    """What onnx-web's ``version`` and ``pipeline`` say that the file is not (it is converted as what it is)."""
     notes = []
     want = VERSION_FAMILIES.get(hints.get("version", ""))
     if want and family not in want:
@@ -168,6 +171,8 @@ def _hint_notes(hints: dict[str, str], family: str) -> list[str]:
     xl = hints.get("pipeline") in SDXL_PIPELINES
     if "pipeline" in hints and xl != family.startswith("sdxl"):
         notes.append(f"pipeline {hints['pipeline']} does not fit a {family} model: converted as {family}")
+    if hints.get("pipeline") == "inpaint" and variant != "inpaint":
+        notes.append(f"pipeline inpaint, and the file is a plain {family} model (its UNet takes 4 channels, not 9)")
     return notes
 
 

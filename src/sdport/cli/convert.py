@@ -36,6 +36,10 @@ from . import cli
 @click.option("--allow-unmatched", is_flag=True, help="Merge what matches when some adapter modules match no weight.")
 @click.option("--lora-alpha", type=float, help="Alpha of adapters whose file stores none (MindOne); default: rank.")
 @click.option("--base", help="A whole model the input's parts go into (a fine-tuned UNet into a full file).")
+@click.option("--vae", help="A VAE (file, folder or any source) in place of the model's own (folder outputs).")
+@click.option("--inversion", "inversions", multiple=True, metavar="[TOKEN=]FILE[:WEIGHT]",
+              help="Blend a textual-inversion embedding into the text encoder and tokenizer (folder outputs); "
+                   "repeat for more. Tokens as onnx-web names them (README, Batch).")
 @click.option("--variant", help="Read the diffusers weights of this variant (fp16) of a folder or Hub repo.")
 @click.option("--allow-unknown", is_flag=True, help="Copy tensors no rule knows instead of refusing.")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
@@ -46,8 +50,8 @@ from . import cli
 def convert_cmd(src: str, dst: str, to: str | None, dtype: str, fmt: str | None, crc: bool, ema: bool,
                 components: str | None, onnx_layout: str | None, vae_dtype: str | None, opset: int | None,
                 controlnet: bool, prediction_type: str | None, loras: tuple[str, ...], allow_unmatched: bool,
-                lora_alpha: float | None, base: str | None, variant: str | None, allow_unknown: bool, force: bool,
-                report: bool, check: bool, quiet: bool) -> int:
+                lora_alpha: float | None, base: str | None, vae: str | None, inversions: tuple[str, ...],
+                variant: str | None, allow_unknown: bool, force: bool, report: bool, check: bool, quiet: bool) -> int:
     """Convert SRC to DST (another format, layout or dtype), streaming, atomically.
 
     SRC, --lora and --base take a path, a Hugging Face repo (owner/repo[@rev], hf://…), civitai://VERSION or a URL.
@@ -56,13 +60,18 @@ def convert_cmd(src: str, dst: str, to: str | None, dtype: str, fmt: str | None,
     # merge on two cores). numpy is not imported yet here; a user's explicit setting wins.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from ..api import run
-    from ..request import ConvertRequest
+    from ..errors import SdportError
+    from ..request import ConvertRequest, InversionSpec
 
+    if check and (vae or inversions):
+        raise SdportError(None, "--verify compares DST with SRC, and --vae and --inversion change what it computes",
+                          "verify without them")
     request = ConvertRequest.build(src, dst, to=to, dtype=dtype, format=fmt, ema=ema, components=components,
                                    prediction_type=prediction_type, loras=loras, allow_unmatched=allow_unmatched,
                                    lora_alpha=lora_alpha, base=base, allow_unknown=allow_unknown, force=force,
                                    onnx_layout=onnx_layout, vae_dtype=vae_dtype, opset=opset, controlnet=controlnet,
-                                   crc=crc, variant=variant)
+                                   crc=crc, variant=variant, vae=vae,
+                                   inversions=[InversionSpec.parse(i) for i in inversions])
     result = run(request, progress=not quiet)
     if not quiet:
         click.echo(f"wrote {result.output}: {result.tensors} tensors, {result.bytes:,} bytes"
