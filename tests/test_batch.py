@@ -197,6 +197,48 @@ def test_invalid_manifest_names_every_entry_and_runs_nothing(tmp_path) -> None:
     assert r.code == 2 and "not a plain file name" in r.err
 
 
+@pytest.mark.parametrize("doc, words", [
+    ({"diffusion": [["a", 5]]}, "source is not a string"),
+    ({"diffusion": [["a"]]}, "no source"),
+    ({"diffusion": [["a", "b.safetensors", True, True, "x"]]}, "opset 'x'"),
+    ({"diffusion": [{"name": "a", "source": "s", "opset": 99}]}, "opset 99"),
+    ({"diffusion": [["a", "s"], {"name": "diffusion-a", "source": "t"}]}, "the name is"),
+    ({"sources": [{"name": "x", "source": "s", "dest": ".sdport-batch"}]}, "not a place inside"),
+    ({"sources": [{"name": "x", "source": "s", "dest": "diffusion-a"}], "diffusion": [["a", "s"]]}, "is inside"),
+    ({"sdport": 1, "models": [{"name": "a", "source": "s", "outputs": [{"path": "."}]}]}, "not a place inside"),
+])
+def test_manifests_that_would_misbehave_are_refused(tmp_path, doc, words) -> None:
+    (tmp_path / "m.json").write_text(json.dumps(doc))
+    r = run_cli("batch", tmp_path / "m.json", "--out", tmp_path / "out", "--dry-run")
+    assert r.code == 2 and words in r.err, r.err
+    assert all(line.startswith("sdport: error: ") for line in r.err.strip().splitlines())
+
+
+def test_hostile_yaml_and_json_constants_are_refused(tmp_path) -> None:
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n" \
+           "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\ndiffusion: [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+    (tmp_path / "bomb.yaml").write_text(bomb)
+    r = run_cli("batch", tmp_path / "bomb.yaml", "--dry-run", "--out", tmp_path, timeout=30)
+    assert r.code == 2 and "aliases" in r.err
+    (tmp_path / "nan.json").write_text('{"diffusion": [{"name": "a", "source": "s", "opset": NaN}]}')
+    r = run_cli("batch", tmp_path / "nan.json", "--dry-run", "--out", tmp_path)
+    assert r.code == 2 and "NaN is not a JSON number" in r.err
+    (tmp_path / "file").write_text("")
+    r = run_cli("batch", tmp_path / "nan.json", "--out", tmp_path / "file" / "sub")
+    assert r.code == 2
+
+
+def test_an_output_onto_its_own_input_is_refused(files, tmp_path) -> None:
+    shutil.copy(files["root"] / "sd1.safetensors", tmp_path / "m.safetensors")
+    before = sha256(tmp_path / "m.safetensors")
+    doc = {"sdport": 1, "models": [{"name": "a", "source": str(tmp_path / "m.safetensors"),
+                                    "outputs": [{"path": "m.safetensors", "dtype": "fp16"}]}]}
+    (tmp_path / "m.json").write_text(json.dumps(doc))
+    result = sdport.batch(tmp_path / "m.json", tmp_path)
+    assert not result.ok and "would replace the entry's input" in result.entries[0].error
+    assert sha256(tmp_path / "m.safetensors") == before
+
+
 def test_dry_run_and_only(files, tmp_path) -> None:
     two = {"diffusion": [["a", "sd1.safetensors"], ["b", "sd1.safetensors"]]}
     (files["root"] / "two.json").write_text(json.dumps(two))
@@ -287,6 +329,29 @@ def test_ctrl_c_removes_the_running_entry_and_a_rerun_continues(files, tmp_path)
     r = run_cli("batch", files["root"] / "three.json", "--out", out, "--json", timeout=600)
     assert r.code == 0, r.err
     assert [e["status"] for e in json.loads(r.out)["entries"]] == ["skipped", "ok", "ok"]
+
+
+def test_a_killed_local_worker_fails_its_entry_and_the_batch_goes_on(files, tmp_path) -> None:
+    import threading
+
+    (files["root"] / "own.json").write_text(json.dumps(_own_manifest(files)))
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(r=sdport.batch(files["root"] / "own.json", tmp_path)))
+    thread.start()
+    staging, killed = tmp_path / ".sdport-batch", None
+    deadline = time.monotonic() + 300
+    while killed is None and time.monotonic() < deadline and thread.is_alive():
+        for d in (staging.glob("c.*") if staging.exists() else []):
+            killed = int(d.name.rsplit(".", 1)[1])
+            os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    thread.join(300)
+    assert killed is not None
+    assert [e.status for e in box["r"].entries] == ["ok", "ok", "failed"]
+    assert "worker process died" in box["r"].entries[2].error and not (tmp_path / "c-onnx").exists()
+    again = sdport.batch(files["root"] / "own.json", tmp_path)
+    assert [e.status for e in again.entries] == ["skipped", "skipped", "ok"]
 
 
 def _zip_members(path) -> dict[str, bytes]:

@@ -50,6 +50,10 @@ class LoraSpec:
     source: str
     ratio: float = 1.0
 
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.ratio):
+            raise SdportError(self.source, f"ratio {self.ratio} is not a finite number", "write FILE:0.8")
+
     @classmethod
     def parse(cls, spec: str | LoraSpec) -> LoraSpec:
         """``FILE[:RATIO]``; a colon that is part of an existing file's name, or a Windows drive, is not a ratio."""

@@ -76,7 +76,10 @@ def batch(manifest: str | os.PathLike[str], out: str | os.PathLike[str], *, exec
         result.entries = [EntryResult(e.name, e.where, "skipped" if not force and _done(e, before.get(e.name), out)
                                       else "planned", list(e.outputs)) for e in entries]
         return result
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise SdportError(out, f"cannot make the output folder ({exc.strerror})", None) from None
     with _locked(out):
         results = _run(entries, manifest, out, executor, jobs, address, force, on_result)
     result.entries = [results[e.name] for e in entries if e.name in results]
@@ -162,7 +165,10 @@ def _same(source: str, recorded: str) -> bool:
 @contextmanager
 def _locked(out: str) -> Iterator[None]:
     """One batch at a time in a folder (a second one is refused, not queued)."""
-    fd = os.open(os.path.join(out, ".sdport-batch.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(os.path.join(out, ".sdport-batch.lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise SdportError(out, f"cannot write into the output folder ({exc.strerror})", None) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -12,6 +12,7 @@ import os
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 
 from .manifest import Entry
 from .runner import EntryResult, run_entry
@@ -19,17 +20,22 @@ from .runner import EntryResult, run_entry
 #: expected peak of an entry that exports to ONNX (tracing holds one component's modules) beyond its largest
 #: input's size, and of any other entry (sdport streams: a few hundred MB whatever the size)
 EXPORT_BASE, STREAM_PEAK = 1 << 30, 512 << 20
+#: a remote model's size is known only once fetched: taken as an SDXL file's
+REMOTE_SIZE = 7 << 30
 
 
 def expected_peak(entry: Entry) -> int:
     """The memory an entry is expected to peak at, from what it does and the size of its local source."""
     if entry.action != "export" and not any(r.target == "onnx" for r in entry.requests):
         return STREAM_PEAK
-    size = 0
-    if os.path.isfile(entry.source):
-        size = os.path.getsize(entry.source)
-    elif os.path.isdir(entry.source):
-        size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(entry.source) for f in fs)
+    size = REMOTE_SIZE if not os.path.exists(entry.source) else 0
+    try:
+        if os.path.isfile(entry.source):
+            size = os.path.getsize(entry.source)
+        elif os.path.isdir(entry.source):
+            size = sum(os.lstat(os.path.join(r, f)).st_size for r, _, fs in os.walk(entry.source) for f in fs)
+    except OSError:
+        pass
     return EXPORT_BASE + size // 2
 
 
@@ -46,9 +52,15 @@ def available_memory() -> int:
 
 
 def run_local(entries: list[Entry], out: str, jobs: int, done: Callable[[EntryResult], None]) -> None:
-    """Run every entry; ``done`` is called with each result as it comes."""
-    budget = int(available_memory() * 0.8)
+    """Run every entry; ``done`` is called with each result as it comes. A worker that dies (killed, out of
+    memory) fails its entry, and the batch goes on in a new pool."""
     pending = deque(entries)
+    while pending:
+        _run_pool(pending, out, jobs, done)
+
+
+def _run_pool(pending: deque[Entry], out: str, jobs: int, done: Callable[[EntryResult], None]) -> None:
+    budget = int(available_memory() * 0.8)
     running: dict[Future, tuple[Entry, int]] = {}
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=context, max_tasks_per_child=1) as pool:
@@ -58,12 +70,15 @@ def run_local(entries: list[Entry], out: str, jobs: int, done: Callable[[EntryRe
                     need = expected_peak(pending[0])
                     if running and sum(n for _, n in running.values()) + need > budget:
                         break
-                    entry = pending.popleft()
-                    running[pool.submit(run_entry, entry, out)] = (entry, need)
+                    running[pool.submit(run_entry, pending[0], out)] = (pending[0], need)
+                    pending.popleft()
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
                     entry, _ = running.pop(future)
                     done(_result(entry, future))
+        except BrokenProcessPool:  # every entry still running in the broken pool has lost its worker
+            for future, (entry, _) in running.items():
+                done(_result(entry, future))
         except BaseException:
             for process in list(getattr(pool, "_processes", {}).values()):
                 process.terminate()

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import MissingExtraError, SdportError
-from ..request import ConvertRequest, InversionSpec, LoraSpec, OnnxOptions
+from ..request import OPSETS, ConvertRequest, InversionSpec, LoraSpec, OnnxOptions
 from . import schema
 
 ONNX_WEB_SECTIONS = ("sources", "networks", "diffusion", "upscaling", "correction")
@@ -90,15 +91,36 @@ def load(path: str | os.PathLike[str]) -> list[Entry]:
     _validate(path, doc, schema.SDPORT if own else schema.EXTRAS)
     problems: list[str] = []
     entries = _sdport_entries(doc, base, problems) if own else _extras_entries(doc, base, problems)
-    seen: dict[str, Entry] = {}
-    for e in entries:
-        for out in e.outputs:
-            other = seen.setdefault(out, e)
-            if other is not e:
-                problems.append(f"{e.where}: writes {out}, as {other.where} does")
+    _check_outputs(entries, problems)
     if problems:
         raise ManifestError(path, problems)
     return entries
+
+
+#: what the batch itself keeps in its folder: no entry may write there
+RESERVED = (".sdport-batch", "sdport-batch.json", ".sdport-batch.lock")
+
+
+def _check_outputs(entries: list[Entry], problems: list[str]) -> None:
+    """Names unique; outputs inside the folder, clear of the batch's own files, none inside another."""
+    names: dict[str, Entry] = {}
+    for e in entries:
+        other = names.setdefault(e.name, e)
+        if other is not e:
+            problems.append(f"{e.where}: the name is {other.where}'s too (the record tells entries by name)")
+    seen: dict[str, Entry] = {}
+    for e in entries:
+        for out in e.outputs:
+            norm = posixpath.normpath(out.replace("\\", "/"))
+            if norm in (".", "") or norm.startswith("../") or norm.split("/")[0] in RESERVED:
+                problems.append(f"{e.where}: output {out!r} is not a place inside the output folder")
+            other = seen.setdefault(norm, e)
+            if other is not e:
+                problems.append(f"{e.where}: writes {out}, as {other.where} does")
+    paths = sorted(seen)
+    for a, b in zip(paths, paths[1:], strict=False):
+        if b.startswith(a + "/"):
+            problems.append(f"{seen[b].where}: output {b} is inside {seen[a].where}'s {a}")
 
 
 def _read(path: str) -> Any:
@@ -113,13 +135,28 @@ def _read(path: str) -> Any:
         except ImportError:
             raise MissingExtraError("YAML manifests", "batch", ["pyyaml"]) from None
         try:
-            return yaml.safe_load(text)
-        except (yaml.YAMLError, RecursionError) as exc:
+            doc = yaml.load(text, Loader=_loader(yaml))  # noqa: S506 - a safe loader without aliases
+            return json.loads(json.dumps(doc))  # keys as JSON has them (a YAML key may be a number)
+        except (yaml.YAMLError, RecursionError, TypeError, ValueError) as exc:
             raise SdportError(path, f"not valid YAML ({str(exc).splitlines()[0]})", None) from None
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
         raise SdportError(path, f"not valid JSON ({exc})", "onnx-web's extras.json, or sdport's manifest") from None
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _loader(yaml: Any) -> type:
+    """PyYAML's safe loader refusing aliases (a few hundred bytes of nested aliases expand to billions of nodes)."""
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                raise yaml.YAMLError("aliases (*name) are not allowed in a manifest")
+            return super().compose_node(parent, index)
+    return NoAliases
 
 
 def _validate(path: str, doc: Any, against: dict) -> None:
@@ -167,10 +204,18 @@ def local_source(text: str, base: str) -> str:
     for scheme, ours in _SCHEMES.items():
         if text.startswith(scheme):
             text = ours + text[len(scheme):]
+    text = os.path.expanduser(text)
     if "://" in text or os.path.isabs(text):
         return text
     near = os.path.join(base, text)
     return near if os.path.exists(near) or text.startswith((".", "~")) else text
+
+
+def _legacy_problem(section: str, exc: Exception) -> str:
+    order = "name, source" if section == "sources" else \
+        f"name, source, {'single_vae' if section == 'diffusion' else 'scale'}, half, opset"
+    what = f"no {exc.args[0]}" if isinstance(exc, KeyError) else str(exc)[:120]
+    return f"{what} (a positional entry is [{order}], name and source strings)"
 
 
 def _legacy(section: str, item: list) -> dict:
@@ -190,6 +235,8 @@ def _extras_entries(doc: dict, base: str, problems: list[str]) -> list[Entry]:
                 entries.append(_EXTRAS[section](index, item, base))
             except SdportError as exc:
                 problems.append(f"{label}: {exc.problem}")
+            except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:  # a positional entry
+                problems.append(f"{label}: {_legacy_problem(section, exc)}")
     return entries
 
 
@@ -218,14 +265,17 @@ def _diffusion(index: int, item: dict, base: str) -> Entry:
     if item.get("pipeline") not in (None, "txt2img", "img2img", "inpaint", "txt2img-legacy", *SDXL_PIPELINES):
         raise SdportError(None, f"pipeline {item['pipeline']!r} has no converter (onnx-web has none either)")
     opset = item.get("opset")
-    if opset is not None and opset != int(opset):
-        raise SdportError(None, f"opset {opset} is not a whole number")
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int | float) or opset != int(opset)
+                              or int(opset) not in OPSETS):
+        raise SdportError(None, f"opset {opset!r}: use {OPSETS.start} to {OPSETS.stop - 1}")
+    if not isinstance(item["source"], str):
+        raise SdportError(None, "source is not a string")
     loras = tuple(LoraSpec(local_source(x["source"], base), float(x.get("weight", 1.0)))
                   for x in item.get("loras", []))
     inversions = tuple(InversionSpec(local_source(x["source"], base), x.get("token") or x["name"],
                                      float(x.get("weight", 1.0))) for x in item.get("inversions", []))
     half = bool(item.get("half"))
-    options = OnnxOptions(vae_dtype="F32" if half else None, **({"opset": int(opset)} if opset else {}))
+    options = OnnxOptions(vae_dtype="F32" if half else None, **({"opset": int(opset)} if opset is not None else {}))
     request = ConvertRequest(local_source(item["source"], base), name, "onnx", "F16" if half else "F32",
                              loras=loras, options=options, inversions=inversions,
                              vae=local_source(item["vae"], base) if item.get("vae") else None)

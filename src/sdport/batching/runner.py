@@ -73,7 +73,7 @@ def fingerprint(source: str) -> str:
     for root, dirs, files in os.walk(source):
         dirs.sort()
         for f in sorted(files):
-            st = os.stat(os.path.join(root, f))
+            st = os.lstat(os.path.join(root, f))  # a dangling link is a name like any other
             h.update(f"{os.path.relpath(os.path.join(root, f), source)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return "folder:" + h.hexdigest()
 
@@ -81,12 +81,13 @@ def fingerprint(source: str) -> str:
 def run_entry(entry: Entry, out: str) -> EntryResult:
     """Carry out one entry into ``out`` (a folder every worker sees); never raises for a bad entry."""
     start = time.monotonic()
-    result = EntryResult(entry.name, entry.where, "failed", key=entry_key(entry), started=time.time(),
-                         inputs={s: fingerprint(s) for s in entry.sources})
+    result = EntryResult(entry.name, entry.where, "failed", key=entry_key(entry), started=time.time())
     staging = os.path.join(out, STAGING, f"{entry.name.replace('/', '_')}.{socket.gethostname()}.{os.getpid()}")
     try:
+        result.inputs = {s: fingerprint(s) for s in entry.sources}
         os.makedirs(staging)
         result.outputs = ACTIONS[entry.action](entry, staging, result)
+        _clear_of_sources(entry, out, result.outputs)
         publish(staging, out, result.outputs)
         result.status = "ok"
     except SdportError as exc:
@@ -98,6 +99,17 @@ def run_entry(entry: Entry, out: str) -> EntryResult:
         result.seconds = time.monotonic() - start
         result.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return result
+
+
+def _clear_of_sources(entry: Entry, out: str, outputs: list[str]) -> None:
+    """Refuse outputs that would replace (or hold, or sit inside) one of the entry's own local inputs."""
+    sources = [os.path.realpath(s) for s in entry.sources if os.path.exists(s)]
+    for rel in outputs:
+        dst = os.path.realpath(os.path.join(out, rel))
+        for src in sources:
+            if dst == src or src.startswith(dst + os.sep) or dst.startswith(src + os.sep):
+                raise SdportError(os.path.join(out, rel), f"would replace the entry's input {src}",
+                                  "write the output elsewhere")
 
 
 def publish(staging: str, out: str, outputs: list[str]) -> None:
