@@ -127,6 +127,7 @@ def publish(staging: str, out: str, outputs: list[str]) -> None:
 def _checked(entry: Entry, result: EntryResult, *, kind: str = "model") -> str:
     """The entry's source on this machine, its SHA-256 checked against the manifest's ``hash``."""
     from ..sources import locate
+    from ..sources.http import sha256_of
 
     got = locate(entry.source, kind=kind)
     if got.sha256:
@@ -134,19 +135,11 @@ def _checked(entry: Entry, result: EntryResult, *, kind: str = "model") -> str:
     if entry.hash and not os.path.isfile(got.path):
         result.notes.append("hash not checked: the source is a folder (each of its files was checked as fetched)")
     elif entry.hash:
-        sha = got.sha256 or _sha256(got.path)
+        sha = got.sha256 or sha256_of(got.path)
         if not sha.startswith(entry.hash) and not (len(entry.hash) == 8 and _old_hash(got.path) == entry.hash):
             raise HashMismatchError(got.shown, f"SHA-256 {sha[:16]}… is not the manifest's hash {entry.hash[:16]}…",
                                     "the file is not the one the manifest names")
     return got.path
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _old_hash(path: str) -> str:
