@@ -13,6 +13,11 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+try:
+    from . import _casts
+except ImportError:  # not built here (no compiler at install time): numpy does the casts
+    _casts = None  # type: ignore[assignment]
+
 
 @dataclass(frozen=True)
 class DType:
@@ -59,11 +64,32 @@ def dtype(code: str) -> DType:
     return BY_CODE[code]
 
 
+def fast_casts() -> str:
+    """The compiled kernels the casts use ('avx512', 'avx2+f16c'), or '' when numpy does them."""
+    return _casts.level() if _casts is not None else ""
+
+
+def _fast(a: np.ndarray, kernel: str, out_dtype: np.dtype, *args: int) -> np.ndarray | None:
+    """``a`` converted by ``sdport._casts.<kernel>`` into a new array, or None without the compiled kernels."""
+    if _casts is None or not _casts.level():
+        return None
+    src = np.require(a, requirements="C").reshape(-1)
+    out = np.empty(a.shape, out_dtype)
+    # numpy exports no buffer of ml_dtypes' types: the kernels get the bits as unsigned integers
+    unsigned = {2: np.uint16, 4: np.uint32}
+    getattr(_casts, kernel)(src.view(unsigned[src.itemsize]), out.reshape(-1).view(unsigned[out.itemsize]), *args)
+    return out
+
+
 def _to_f32(a: np.ndarray) -> np.ndarray:
     """Exact widening to float32, NaNs made quiet as torch does."""
     code = code_of(a)
     if code == "F32":
         return a
+    if code in ("F16", "BF16"):
+        fast = _fast(a, "f16_to_f32" if code == "F16" else "bf16_to_f32", np.dtype(np.float32))
+        if fast is not None:
+            return fast
     out = a.astype(np.float32)
     if code == "F16":
         bits = out.view(np.uint32)
@@ -73,6 +99,9 @@ def _to_f32(a: np.ndarray) -> np.ndarray:
 
 
 def _f32_to_f16(a: np.ndarray) -> np.ndarray:
+    fast = _fast(a, "f32_to_f16", np.dtype(np.float16))
+    if fast is not None:
+        return fast
     with np.errstate(over="ignore", invalid="ignore"):
         out = a.astype(np.float16)
     nan = np.isnan(a)
@@ -84,6 +113,9 @@ def _f32_to_f16(a: np.ndarray) -> np.ndarray:
 
 
 def _f32_to_bf16(a: np.ndarray, nan_bits: int) -> np.ndarray:
+    fast = _fast(a, "f32_to_bf16", np.dtype(ml_dtypes.bfloat16), nan_bits)
+    if fast is not None:
+        return fast
     bits = np.ascontiguousarray(a).view(np.uint32)
     rounded = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) >> 16
     out = rounded.astype(np.uint16)
