@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import pytest
+
+#: every test shares one traced-graph cache (sdport.trace.cache), removed when the session ends: a tiny model's
+#: component is traced once, not once per export; tests of the cache itself point it elsewhere
+_GRAPHS = tempfile.mkdtemp(prefix="sdport-graphs-")
+os.environ.setdefault("SDPORT_GRAPH_CACHE", _GRAPHS)
+
+
+def pytest_unconfigure(config) -> None:
+    shutil.rmtree(_GRAPHS, ignore_errors=True)
 
 
 @dataclass

@@ -476,3 +476,47 @@ def test_a_plain_external_model_reads_its_bytes(tmp_path) -> None:
     path = _external_model(str(tmp_path), "w.bin", offset="16", length="64")
     source = sdonnx.open_onnx(path)
     assert np.array_equal(source.read("w"), np.arange(4, 20, dtype=np.float32))
+
+
+def test_a_second_export_takes_its_graphs_from_the_cache_and_writes_the_same_bytes(setup, tmp_path,
+                                                                                    monkeypatch) -> None:
+    """Cold cache: traced and stored; warm: no trace at all (tracing is made to fail) and every file identical;
+    a corrupted or truncated entry is traced again and replaced; SDPORT_GRAPH_CACHE=off stores nothing."""
+    import sdport.trace.onnx as trace_onnx
+
+    graphs = tmp_path / "graphs"
+    monkeypatch.setenv("SDPORT_GRAPH_CACHE", str(graphs))
+
+    def files(folder) -> dict[str, str]:
+        return {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    cold = tmp_path / "cold"
+    sdport.convert(setup["single"], str(cold), to="onnx", dtype="fp16", progress=False)
+    entries = sorted(p.name for p in graphs.iterdir())
+    components = [c for c in ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+                  if (cold / c).is_dir()]
+    assert len(entries) == 2 * len(components) and {p.rsplit(".", 1)[1] for p in entries} == {"onnx", "json"}
+    cached = onnx.load(str(next(graphs.glob("*.onnx"))))  # an entry is a real ONNX model without weights
+    assert len(cached.graph.node) > 0 and len(cached.graph.initializer) == 0
+
+    def no_trace(*args, **kw):
+        raise AssertionError("traced although the graph was cached")
+
+    monkeypatch.setattr(trace_onnx, "trace", no_trace)
+    warm = tmp_path / "warm"
+    sdport.convert(setup["single"], str(warm), to="onnx", dtype="fp16", progress=False)
+    assert files(warm) == files(cold)
+
+    monkeypatch.undo()
+    monkeypatch.setenv("SDPORT_GRAPH_CACHE", str(graphs))
+    first = next(graphs.glob("*.onnx"))
+    first.write_bytes(first.read_bytes()[:100])  # truncated: its hash no longer matches
+    again = tmp_path / "again"
+    sdport.convert(setup["single"], str(again), to="onnx", dtype="fp16", progress=False)
+    assert files(again) == files(cold) and sorted(p.name for p in graphs.iterdir()) == entries
+    assert first.stat().st_size > 100
+
+    monkeypatch.setenv("SDPORT_GRAPH_CACHE", "off")
+    off = tmp_path / "off"
+    sdport.convert(setup["single"], str(off), to="onnx", dtype="fp16", progress=False)
+    assert files(off) == files(cold) and sorted(p.name for p in graphs.iterdir()) == entries

@@ -39,7 +39,7 @@ def cli(ctx: click.Context, debug: bool, offline: bool) -> None:
         os.environ["SDPORT_OFFLINE"] = "1"
 
 
-from . import batch, cache, convert, demo, inspect, lora, verify  # noqa: E402,F401 - each verb adds itself to the group
+from . import batch, cache, convert, demo, doctor, inspect, lora, verify  # noqa: E402,F401 - each verb adds itself to the group
 
 
 def _global_first(argv: list[str]) -> list[str]:

@@ -122,7 +122,8 @@ def component_configs(plan: Plan, components: list[str]) -> dict[str, dict]:
 def onnx_plan(plan: Plan, family: Family, options: OnnxOptions, *, dtype: str = "F32",
               components: tuple[str, ...] | None = None, progress=None) -> Plan:
     """The ONNX export of a diffusers-layout ``plan`` (validated against its source by the caller)."""
-    from ..trace.onnx import specs, trace
+    from ..trace.cache import traced as trace
+    from ..trace.onnx import specs
 
     layout, vae_dtype, controlnet = options.layout, options.vae_dtype, options.controlnet
     tensors = component_tensors(plan)
