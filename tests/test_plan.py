@@ -81,3 +81,32 @@ def test_patches_add_low_rank_updates_in_fp32_to_whole_tensors_and_row_blocks() 
                                   patches=(Patch("cw", ("cu", "td", "mid"), ("up", "down", "mid"), 2.0),)), arrays.get)
     want = 2 * np.einsum("mnkl,im,nj->ijkl", mid, conv_up[:, :, 0, 0], tucker_down[:, :, 0, 0])
     np.testing.assert_allclose(tucker, want, rtol=1e-5, atol=1e-5)
+
+
+def test_low_rank_updates_are_added_in_blocks_bit_for_bit_and_several_as_one_product(monkeypatch) -> None:
+    """One adapter: blocks of rows give the very bits of ``W + (up @ down)·s`` made whole (the formula diffusers'
+    fuse_lora uses; tests/test_lora.py checks them against it); several: one rank-concatenated product, equal to
+    adding them in turn up to fp32 rounding; a run broken by another kind keeps its order; the input is unchanged."""
+    import sdport.patches as patches
+
+    rng = np.random.default_rng(3)
+    shapes = {"w": ((1280, 640), np.float16), "u1": ((1280, 32), np.float16), "d1": ((32, 640), np.float16),
+              "u2": ((1280, 8), np.float32), "d2": ((8, 640), np.float32), "w1": ((1280, 1), np.float32),
+              "w2": ((1, 640), np.float32)}
+    arrays = {k: rng.standard_normal(shape).astype(t) for k, (shape, t) in shapes.items()}
+    before = arrays["w"].copy()
+    w32 = arrays["w"].astype(np.float32)
+    one = Patch("w", ("u1", "d1"), ("up", "down"), 0.25, ratio=0.8)
+    two = Patch("w", ("d2", "u2"), ("down", "up"), 1.0, ratio=-0.5)
+    loha = Patch("w", ("w1", "w2", "w1", "w2"), ("w1a", "w1b", "w2a", "w2b"), 1.0, kind="loha")
+    monkeypatch.setattr(patches, "BLOCK", 4 * 640 * 7)  # 7 rows a block: 183 blocks and a short last one
+    d1 = arrays["u1"].astype(np.float32) @ arrays["d1"].astype(np.float32)
+    d2 = arrays["u2"] @ arrays["d2"]
+    got = compute(OutputTensor("w", "F32", (1280, 640), ("w",), patches=(one,)), arrays.get)
+    assert np.array_equal(got, d1 * np.float32(0.2) + w32)
+    got = compute(OutputTensor("w", "F32", (1280, 640), ("w",), patches=(one, two)), arrays.get)
+    np.testing.assert_allclose(got, w32 + d1 * np.float32(0.2) - d2 * np.float32(0.5), rtol=1e-5, atol=1e-4)
+    product = (arrays["w1"] @ arrays["w2"]) ** 2
+    got = compute(OutputTensor("w", "F32", (1280, 640), ("w",), patches=(one, loha, two)), arrays.get)
+    np.testing.assert_allclose(got, w32 + d1 * np.float32(0.2) + product - d2 * np.float32(0.5), rtol=1e-5, atol=1e-4)
+    assert np.array_equal(arrays["w"], before)

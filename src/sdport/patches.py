@@ -32,6 +32,8 @@ from .dtypes import cast
 Shape = tuple[int, ...]
 #: DoRA magnitude roles: LyCORIS ``dora_scale`` (axis from its shape) and PEFT's magnitude (output rows)
 MAGNITUDES = ("dora", "magnitude")
+#: bytes of ΔW made at a time by ``apply_all``: a block of rows of ``up @ down`` is added while it is in the cache
+BLOCK = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,60 @@ def dora_axis(magnitude: Shape, block: Shape) -> int | None:
     if len(block) > 1 and n == block[1] and len(magnitude) > 1 and magnitude[1] == block[1]:
         return 1
     return None
+
+
+def _low_rank(patch: Patch) -> bool:
+    """A plain LoRA update of a whole tensor: ``W + s·up @ down`` (no Tucker core, row block or DoRA)."""
+    return patch.kind == "lora" and patch.rows is None and sorted(patch.roles) == ["down", "up"]
+
+
+def apply_all(weight: np.ndarray, patches: Sequence[Patch], factors: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+    """``weight`` in fp32 with the patches applied in order (a new array; ``weight`` is never changed).
+
+    Runs of plain LoRA updates are added in place, block of rows by block of rows, so no ΔW of the
+    tensor's size exists: one adapter as ``(up @ down)·s`` (bit for bit ``apply``), several as one
+    product of their factors concatenated along the rank, each ``up`` scaled by its ``s``.
+    """
+    out: np.ndarray | None = None
+    i = 0
+    while i < len(patches):
+        j = i
+        while j < len(patches) and _low_rank(patches[j]):
+            j += 1
+        if j == i:
+            out = apply(weight if out is None else out, patches[i], factors[i])
+            i += 1
+            continue
+        if out is None:
+            out = cast(weight, "F32")
+            if out is weight or not out.flags.writeable or not out.flags.c_contiguous:
+                out = np.array(out, order="C")
+        _add_low_rank(out, patches[i:j], factors[i:j])
+        i = j
+    return weight if out is None else out
+
+
+def _add_low_rank(w: np.ndarray, patches: Sequence[Patch], factors: Sequence[Sequence[np.ndarray]]) -> None:
+    ups, downs = [], []
+    for p, f in zip(patches, factors, strict=True):
+        named = dict(zip(p.roles, f, strict=True))
+        ups.append(cast(named["up"], "F32").reshape(named["up"].shape[0], -1))
+        downs.append(cast(named["down"], "F32").reshape(named["down"].shape[0], -1))
+    scale = None
+    if len(patches) == 1:
+        up, down, scale = ups[0], downs[0], np.float32(patches[0].ratio * patches[0].scale)
+    else:
+        up = np.concatenate([u * np.float32(p.ratio * p.scale) for u, p in zip(ups, patches, strict=True)], axis=1)
+        down = np.concatenate(downs, axis=0)
+    flat = w.reshape(up.shape[0], -1)
+    rows = max(1, BLOCK // (4 * flat.shape[1]))
+    buf = np.empty((min(rows, flat.shape[0]), flat.shape[1]), np.float32)
+    for start in range(0, flat.shape[0], rows):
+        block = buf[: min(rows, flat.shape[0] - start)]
+        np.matmul(up[start:start + rows], down, out=block)
+        if scale is not None:
+            block *= scale
+        flat[start:start + rows] += block
 
 
 def apply(weight: np.ndarray, patch: Patch, factors: Sequence[np.ndarray]) -> np.ndarray:

@@ -16,7 +16,7 @@ import numpy as np
 from .dtypes import BY_CODE, cast
 from .errors import PlanError, UnknownKeyError
 from .io.base import Slot, TensorSource
-from .patches import Patch, apply, fits
+from .patches import Patch, apply_all, fits
 
 Shape = tuple[int, ...]
 
@@ -184,9 +184,10 @@ def derive(name: str, cast_to: str | None, source: TensorSource, inputs: tuple[s
 def compute(t: OutputTensor, read: Callable[[str], np.ndarray]) -> np.ndarray:
     """The output tensor's values, reading its inputs (and its patches' factors) with ``read``."""
     arrays = [read(i) for i in t.inputs]
-    for patch in t.patches:
-        k = t.inputs.index(patch.target)
-        arrays[k] = apply(arrays[k], patch, [read(f) for f in patch.factors])
+    for k, name in enumerate(t.inputs):
+        mine = [p for p in t.patches if p.target == name]
+        if mine and name not in t.inputs[:k]:  # an input given twice is patched once, where it first stands
+            arrays[k] = apply_all(arrays[k], mine, [[read(f) for f in p.factors] for p in mine])
     return cast(OPS[t.op].compute(arrays, t.args), t.dtype)
 
 
