@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the benchmark inputs: full-size SD1.5 (real names and shapes, random fp32 weights).
 
-    python bench/make_fixtures.py DATA_DIR
+    python bench/make_fixtures.py DATA_DIR [--safetensors-only]
 
 writes DATA_DIR/sd15-fp32.safetensors (sdport's writer, one tensor at a time) and
 DATA_DIR/sd15-fp32.ckpt (torch.save of the same tensors, {"state_dict": …}; needs torch and ~9 GB RAM).
@@ -20,7 +20,7 @@ from sdport.io.base import Slot
 from sdport.io.safetensors import SafetensorsWriter
 
 
-def main(folder: str) -> None:
+def main(folder: str, ckpt_too: bool = True) -> None:
     os.makedirs(folder, exist_ok=True)
     st = os.path.join(folder, "sd15-fp32.safetensors")
     shapes = sd1_shapes(full_size=True)
@@ -32,14 +32,14 @@ def main(folder: str) -> None:
                 w.write(k, rng.standard_normal(s, np.float32) * np.float32(0.02))
             w.commit()
     ckpt = os.path.join(folder, "sd15-fp32.ckpt")
-    if not os.path.exists(ckpt):
+    if ckpt_too and not os.path.exists(ckpt):
         import safetensors.torch
         import torch
 
         torch.save({"state_dict": safetensors.torch.load_file(st), "global_step": 840000}, ckpt)
-    for p in (st, ckpt):
+    for p in (st, ckpt) if ckpt_too else (st,):
         print(p, os.path.getsize(p))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], "--safetensors-only" not in sys.argv[2:])

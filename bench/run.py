@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Time sdport against cp+sync (and the torch/safetensors route users would otherwise take), interleaved.
 
-    python bench/run.py DATA_DIR [--suite repackage|layouts|lora|mindone|onnx|verify|batch] [--reps 3] [--only NAME]
+    python bench/run.py DATA_DIR [--suite repackage|layouts|lora|mindone|onnx|verify|batch|cpu] [--reps 3] [--only NAME]
                                  [--tools DIR] [--compare SRC]
 
 Suites: ``repackage`` (issue 3: .ckpt ⇄ safetensors, fp32 → fp16 on a full-size SD1.5 file, built by
@@ -193,6 +193,39 @@ def batch(data: str, out: str, tools: str) -> list[tuple[str, str, list[str], st
     ]
 
 
+def cpu(data: str, out: str, tools: str) -> list[tuple[str, str, list[str], str]]:
+    """The paths that were CPU-bound (issue 19), each beside cp+sync of its input and the tool users would use:
+    fp32 → fp16 of full-size SD1.5 (torch load+half+save beside), one and two rank-32 LoRAs into full-size SDXL
+    (diffusers' load_lora_weights+fuse_lora beside), and SD1.5 (fp16 folder) → ONNX fp16 with the graph cache
+    emptied first ("cold": traced and stored) and then kept ("warm"). Run with ``--compare`` for the code before."""
+    st, xl, d = (os.path.join(data, n) for n in ("sd15-fp32.safetensors", "sdxl.safetensors", "sd15-diffusers"))
+    a, b = os.path.join(data, "lora-sdxl-r32.safetensors"), os.path.join(data, "lora-sdxl-r32-b.safetensors")
+    graphs = os.path.join(data, "graphs")
+    ops_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "anchor-bench", "ops.py")
+    o = lambda name: os.path.join(out, name)  # noqa: E731
+    onnx16 = ["convert", d, o("h"), "--to", "onnx", "--dtype", "fp16", "-q"]
+    return [
+        ("sd15 cp+sync fp32 file", "", _cp(st, o("cp.st")), o("cp.st")),
+        ("sd15 sdport fp32->fp16", "sd15 cp+sync fp32 file",
+         SDPORT + ["convert", st, o("h.safetensors"), "--dtype", "fp16", "-q"], o("h.safetensors")),
+        ("sd15 torch load+half+save", "sd15 cp+sync fp32 file", [PY, REF, "st_half", st, o("r.safetensors")],
+         o("r.safetensors")),
+        ("sdxl cp+sync file", "", _cp(xl, o("cp.st")), o("cp.st")),
+        ("sdxl sdport merge one LoRA", "sdxl cp+sync file",
+         SDPORT + ["convert", xl, o("m.safetensors"), "--lora", a, "-q"], o("m.safetensors")),
+        ("sdxl sdport merge two LoRAs", "sdxl cp+sync file",
+         SDPORT + ["convert", xl, o("m2.safetensors"), "--lora", a, "--lora", f"{b}:0.5", "-q"], o("m2.safetensors")),
+        ("sdxl diffusers load_lora_weights+fuse_lora+save", "sdxl cp+sync file",
+         [PY, ops_py, "lora_fuse", os.path.join(data, "sdxl-diffusers"), a, o("f"), "--sdxl"], o("f")),
+        ("sd15 cp+sync fp16 folder", "", _cp(d, o("cpd")), o("cpd")),
+        ("sd15 sdport -> onnx fp16, graph cache cold", "sd15 cp+sync fp16 folder",
+         ["env", f"SDPORT_GRAPH_CACHE={graphs}", "sh", "-c", f'rm -rf {graphs} && exec "$@"', "sh", *SDPORT, *onnx16],
+         o("h")),
+        ("sd15 sdport -> onnx fp16, graph cache warm", "sd15 cp+sync fp16 folder",
+         ["env", f"SDPORT_GRAPH_CACHE={graphs}", *SDPORT, *onnx16], o("h")),
+    ]
+
+
 def repackage(data: str, out: str, tools: str) -> list[tuple[str, str, list[str], str]]:
     """(name, floor name, command, output path): each op is compared with the cp of its input."""
     st, ck = os.path.join(data, "sd15-fp32.safetensors"), os.path.join(data, "sd15-fp32.ckpt")
@@ -222,15 +255,18 @@ SUITES = {"repackage": (repackage, ("sd15-fp32.safetensors", "sd15-fp32.ckpt")),
           "onnx": (onnx, ("sd15-diffusers", "sd15-onnx")),
           "verify": (verify, ("sd15-fp32.safetensors", "sd15-onnx")),
           "batch": (batch, ("sd15-fp32.safetensors", "sd15-fp32-diffusers")),
+          "cpu": (cpu, ("sd15-fp32.safetensors", "sdxl.safetensors", "sd15-diffusers", "lora-sdxl-r32.safetensors",
+                        "lora-sdxl-r32-b.safetensors")),
           "lora": (lora, ("sd15.safetensors", "sdxl.safetensors", "sd15-diffusers", "sdxl-diffusers",
                           "lora-sd15-r32.safetensors", "lora-sdxl-r32.safetensors", "lora-sd15-r32-b.safetensors",
                           "lora-sdxl-r32-b.safetensors"))}
 
 
 def _with_twin(op: tuple[str, str, list[str], str], src: str) -> list[tuple[str, str, list[str], str]]:
-    """The op, and for sdport's own ops the same command run with the sdport in ``src``."""
+    """The op, and for sdport's own ops (after any ``env VAR=…`` and ``sh -c … sh``) the same command run with the
+    sdport in ``src``."""
     name, floor, cmd, target = op
-    if cmd[:len(SDPORT)] != SDPORT:
+    if not any(cmd[i:i + len(SDPORT)] == SDPORT for i in range(len(cmd))):
         return [op]
     return [op, (f"{name} [before]", floor, ["env", f"PYTHONPATH={os.path.abspath(src)}", *cmd], target)]
 

@@ -136,3 +136,14 @@ def test_numpy_fallback_when_forced_by_the_environment() -> None:
     assert runs["1"][1:] == runs["0"][1:]
     if {"f16c", "avx2", "fma"} <= _cpu_flags():
         assert runs["0"][0] != "''"
+
+
+def test_doctor_says_which_casts_run() -> None:
+    from conftest import run_cli
+
+    fast = run_cli("doctor")
+    assert fast.code == 0 and "traced ONNX graphs:" in fast.out
+    want = f"casts: compiled ({fast_casts()})" if fast_casts() else "casts: numpy"
+    assert want in fast.out.splitlines()[1]
+    slow = run_cli("doctor", env={**os.environ, "SDPORT_NO_FASTCAST": "1"})
+    assert slow.code == 0 and slow.out.splitlines()[1].startswith("casts: numpy (slower: SDPORT_NO_FASTCAST is set")

@@ -214,11 +214,11 @@ def _add_low_rank(w: np.ndarray, patches: Sequence[Patch], factors: Sequence[Seq
 def apply(weight: np.ndarray, patch: Patch, factors: Sequence[np.ndarray]) -> np.ndarray:
     """``weight`` in fp32 with the patch applied (a new array; ``weight`` is never changed)."""
     if patch.rows is None and patch.kind not in ("ia3", "ia3-in") and not any(r in patch.roles for r in MAGNITUDES):
-        # the common case, without temporaries: ΔW scaled in place, then W added (IEEE addition commutes, so this
-        # is bit for bit W + s·ΔW)
+        # LyCORIS kinds over a whole tensor: ΔW scaled in place, then W added (IEEE addition commutes, so this is
+        # bit for bit W + s·ΔW); W widened by the compiled casts, not by numpy's mixed-type (scalar) loop
         d = delta(patch.kind, dict(zip(patch.roles, factors, strict=True))).reshape(weight.shape)
         d *= np.float32(patch.ratio * patch.scale)
-        d += weight if weight.dtype in (np.float16, np.float32) else cast(weight, "F32")
+        d += cast(weight, "F32")
         return d
     out = cast(weight, "F32")
     if out is weight:
