@@ -69,16 +69,33 @@ def fast_casts() -> str:
     return _casts.level() if _casts is not None else ""
 
 
+#: (from, to) → the compiled kernel and its NaN pattern (bfloat16 from float32: torch's vectorised kernel's 0xFFFF)
+_KERNELS = {("F16", "F32"): ("f16_to_f32", ()), ("BF16", "F32"): ("bf16_to_f32", ()),
+            ("F32", "F16"): ("f32_to_f16", ()), ("F32", "BF16"): ("f32_to_bf16", (0xFFFF,))}
+_UNSIGNED = {2: np.uint16, 4: np.uint32}  # numpy exports no buffer of ml_dtypes' types: kernels get the bits
+
+
+def _run(src: np.ndarray, dst: np.ndarray, kernel: str, args: tuple[int, ...]) -> bool:
+    """Convert C-contiguous ``src`` into C-contiguous ``dst`` with a compiled kernel; False without one."""
+    if _casts is None or not _casts.level():
+        return False
+    getattr(_casts, kernel)(src.reshape(-1).view(_UNSIGNED[src.itemsize]),
+                            dst.reshape(-1).view(_UNSIGNED[dst.itemsize]), *args)
+    return True
+
+
 def _fast(a: np.ndarray, kernel: str, out_dtype: np.dtype, *args: int) -> np.ndarray | None:
     """``a`` converted by ``sdport._casts.<kernel>`` into a new array, or None without the compiled kernels."""
-    if _casts is None or not _casts.level():
-        return None
-    src = np.require(a, requirements="C").reshape(-1)
     out = np.empty(a.shape, out_dtype)
-    # numpy exports no buffer of ml_dtypes' types: the kernels get the bits as unsigned integers
-    unsigned = {2: np.uint16, 4: np.uint32}
-    getattr(_casts, kernel)(src.view(unsigned[src.itemsize]), out.reshape(-1).view(unsigned[out.itemsize]), *args)
-    return out
+    return out if _run(np.require(a, requirements="C"), out, kernel, args) else None
+
+
+def cast_into(src: np.ndarray, dst: np.ndarray) -> None:
+    """``dst[...] = cast(src, <dst's dtype>)``, straight into ``dst`` when a compiled kernel does it (no temporary)."""
+    kernel = _KERNELS.get((code_of(src), code_of(dst)))
+    if kernel is None or not (src.flags.c_contiguous and dst.flags.c_contiguous) \
+            or not _run(src, dst, *kernel):
+        dst[...] = cast(src, code_of(dst))
 
 
 def _to_f32(a: np.ndarray) -> np.ndarray:

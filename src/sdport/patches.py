@@ -27,13 +27,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .dtypes import cast
+from .dtypes import cast, cast_into
 
 Shape = tuple[int, ...]
 #: DoRA magnitude roles: LyCORIS ``dora_scale`` (axis from its shape) and PEFT's magnitude (output rows)
 MAGNITUDES = ("dora", "magnitude")
-#: bytes of ΔW made at a time by ``apply_all``: a block of rows of ``up @ down`` is added while it is in the cache
-BLOCK = 1 << 18
+#: bytes of ΔW made at a time by ``merge_low_rank``: a block of rows of ``up @ down`` is added while it is in the cache
+BLOCK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ def dora_axis(magnitude: Shape, block: Shape) -> int | None:
     return None
 
 
-def _low_rank(patch: Patch) -> bool:
+def low_rank(patch: Patch) -> bool:
     """A plain LoRA update of a whole tensor: ``W + s·up @ down`` (no Tucker core, row block or DoRA)."""
     return patch.kind == "lora" and patch.rows is None and sorted(patch.roles) == ["down", "up"]
 
@@ -165,50 +165,65 @@ def _low_rank(patch: Patch) -> bool:
 def apply_all(weight: np.ndarray, patches: Sequence[Patch], factors: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
     """``weight`` in fp32 with the patches applied in order (a new array; ``weight`` is never changed).
 
-    Runs of plain LoRA updates are added in place, block of rows by block of rows, so no ΔW of the
-    tensor's size exists: one adapter as ``(up @ down)·s`` (bit for bit ``apply``), several as one
-    product of their factors concatenated along the rank, each ``up`` scaled by its ``s``.
+    Runs of plain LoRA updates go through ``merge_low_rank``, the others through ``apply``.
     """
     out: np.ndarray | None = None
     i = 0
     while i < len(patches):
         j = i
-        while j < len(patches) and _low_rank(patches[j]):
+        while j < len(patches) and low_rank(patches[j]):
             j += 1
         if j == i:
             out = apply(weight if out is None else out, patches[i], factors[i])
             i += 1
             continue
         if out is None:
-            out = cast(weight, "F32")
-            if out is weight or not out.flags.writeable or not out.flags.c_contiguous:
-                out = np.array(out, order="C")
-        _add_low_rank(out, patches[i:j], factors[i:j])
+            out = np.empty(weight.shape, np.float32)
+            merge_low_rank(weight, patches[i:j], factors[i:j], out)
+        else:
+            merge_low_rank(out, patches[i:j], factors[i:j], out)  # in place: each block is read before it is written
         i = j
     return weight if out is None else out
 
 
-def _add_low_rank(w: np.ndarray, patches: Sequence[Patch], factors: Sequence[Sequence[np.ndarray]]) -> None:
+def merge_low_rank(weight: np.ndarray, patches: Sequence[Patch], factors: Sequence[Sequence[np.ndarray]],
+                   out: np.ndarray) -> None:
+    """``out[...] = W + Σ s·up @ down`` in ``out``'s dtype, one block of rows at a time.
+
+    Each block of ΔW (``BLOCK`` bytes of fp32) is made, W's rows widened beside it, summed and narrowed
+    into ``out`` while all three are in the cache: nothing of the tensor's size exists in fp32. One
+    adapter is added as ``(up @ down)·s`` (bit for bit ``apply``: the formula of diffusers' fuse_lora),
+    several as one product of their factors concatenated along the rank, each ``up`` scaled by its
+    ``s``. ``out`` may be ``weight`` itself (fp32).
+    """
     ups, downs = [], []
     for p, f in zip(patches, factors, strict=True):
         named = dict(zip(p.roles, f, strict=True))
         ups.append(cast(named["up"], "F32").reshape(named["up"].shape[0], -1))
         downs.append(cast(named["down"], "F32").reshape(named["down"].shape[0], -1))
-    scale = None
-    if len(patches) == 1:
-        up, down, scale = ups[0], downs[0], np.float32(patches[0].ratio * patches[0].scale)
-    else:
+    scale = np.float32(patches[0].ratio * patches[0].scale) if len(patches) == 1 else None
+    if scale is None:
         up = np.concatenate([u * np.float32(p.ratio * p.scale) for u, p in zip(ups, patches, strict=True)], axis=1)
         down = np.concatenate(downs, axis=0)
-    flat = w.reshape(up.shape[0], -1)
-    rows = max(1, BLOCK // (4 * flat.shape[1]))
-    buf = np.empty((min(rows, flat.shape[0]), flat.shape[1]), np.float32)
-    for start in range(0, flat.shape[0], rows):
-        block = buf[: min(rows, flat.shape[0] - start)]
-        np.matmul(up[start:start + rows], down, out=block)
+    else:
+        up, down = ups[0], downs[0]
+    n = up.shape[0]
+    w, o = np.require(weight, requirements="C").reshape(n, -1), out.reshape(n, -1)
+    rows = max(1, BLOCK // (4 * w.shape[1]))
+    delta_rows = np.empty((min(rows, n), w.shape[1]), np.float32)
+    wide = None if w.dtype == np.float32 else np.empty_like(delta_rows)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        d = delta_rows[: stop - start]
+        np.matmul(up[start:stop], down, out=d)
         if scale is not None:
-            block *= scale
-        flat[start:start + rows] += block
+            d *= scale
+        if wide is None:
+            d += w[start:stop]
+        else:
+            cast_into(w[start:stop], wide[: stop - start])
+            d += wide[: stop - start]
+        cast_into(d, o[start:stop])
 
 
 def apply(weight: np.ndarray, patch: Patch, factors: Sequence[np.ndarray]) -> np.ndarray:
