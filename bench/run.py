@@ -200,7 +200,11 @@ def cpu(data: str, out: str, tools: str) -> list[tuple[str, str, list[str], str]
     emptied first ("cold": traced and stored) and then kept ("warm"). Run with ``--compare`` for the code before."""
     st, xl, d = (os.path.join(data, n) for n in ("sd15-fp32.safetensors", "sdxl.safetensors", "sd15-diffusers"))
     a, b = os.path.join(data, "lora-sdxl-r32.safetensors"), os.path.join(data, "lora-sdxl-r32-b.safetensors")
-    graphs = os.path.join(data, "graphs")
+    cold, warm = os.path.join(data, "graphs-cold"), os.path.join(data, "graphs-warm")
+    if not os.path.isdir(warm):  # the warm cache: filled once by an untimed export
+        subprocess.run(["env", f"SDPORT_GRAPH_CACHE={warm}", *SDPORT, "convert", d, os.path.join(data, "warm-up"),
+                        "--to", "onnx", "--dtype", "fp16", "-q", "--force"], check=True)
+        shutil.rmtree(os.path.join(data, "warm-up"))
     ops_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "anchor-bench", "ops.py")
     o = lambda name: os.path.join(out, name)  # noqa: E731
     onnx16 = ["convert", d, o("h"), "--to", "onnx", "--dtype", "fp16", "-q"]
@@ -219,10 +223,10 @@ def cpu(data: str, out: str, tools: str) -> list[tuple[str, str, list[str], str]
          [PY, ops_py, "lora_fuse", os.path.join(data, "sdxl-diffusers"), a, o("f"), "--sdxl"], o("f")),
         ("sd15 cp+sync fp16 folder", "", _cp(d, o("cpd")), o("cpd")),
         ("sd15 sdport -> onnx fp16, graph cache cold", "sd15 cp+sync fp16 folder",
-         ["env", f"SDPORT_GRAPH_CACHE={graphs}", "sh", "-c", f'rm -rf {graphs} && exec "$@"', "sh", *SDPORT, *onnx16],
+         ["env", f"SDPORT_GRAPH_CACHE={cold}", "sh", "-c", f'rm -rf {cold} && exec "$@"', "sh", *SDPORT, *onnx16],
          o("h")),
         ("sd15 sdport -> onnx fp16, graph cache warm", "sd15 cp+sync fp16 folder",
-         ["env", f"SDPORT_GRAPH_CACHE={graphs}", *SDPORT, *onnx16], o("h")),
+         ["env", f"SDPORT_GRAPH_CACHE={warm}", *SDPORT, *onnx16], o("h")),
     ]
 
 
@@ -271,18 +275,18 @@ def _with_twin(op: tuple[str, str, list[str], str], src: str) -> list[tuple[str,
     return [op, (f"{name} [before]", floor, ["env", f"PYTHONPATH={os.path.abspath(src)}", *cmd], target)]
 
 
-def timed(cmd: list[str]) -> tuple[float, float, int]:
-    """Wall seconds, peak RSS in MB, exit status — from GNU time."""
+def timed(cmd: list[str]) -> tuple[float, float, int, float]:
+    """Wall seconds, peak RSS in MB, exit status, CPU seconds (user + system) — from GNU time."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as t:
-        p = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", t.name, *cmd], stdout=subprocess.DEVNULL,
+        p = subprocess.run(["/usr/bin/time", "-f", "%e %M %U %S", "-o", t.name, *cmd], stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True)
-        wall, rss_kb = t.read().split()[-2:]
+        wall, rss_kb, user, system = t.read().split()[-4:]
     if p.returncode:
         print(f"  FAILED ({p.returncode}): {p.stderr.strip()[-300:]}", file=sys.stderr)
-    return float(wall), int(rss_kb) / 1024, p.returncode
+    return float(wall), int(rss_kb) / 1024, p.returncode, float(user) + float(system)
 
 
-def settle(data: str, inputs: tuple[str, ...]) -> None:
+def settle(data: str, inputs: tuple[str, ...], compare: str = "") -> None:
     """Start each repetition alike: dirty pages written, page cache dropped (when root), inputs read back in.
 
     On this machine the kernel's reclaim makes cp's own time swing 2-3x once the cache is full of
@@ -299,6 +303,13 @@ def settle(data: str, inputs: tuple[str, ...]) -> None:
         path = os.path.join(data, name)
         files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs] if os.path.isdir(path) else [path]
         subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+    # the programs too: after the drop, the first tool of a repetition would otherwise read its interpreter, numpy
+    # (and torch) from disk, a cost none of the others pays
+    warm = ("import numpy, sdport.api, sdport.execute, sdport.cli\n"
+            "try:\n import torch, diffusers\nexcept ImportError: pass")
+    subprocess.run([PY, "-c", warm], check=True)
+    if compare:
+        subprocess.run(["env", f"PYTHONPATH={os.path.abspath(compare)}", PY, "-c", warm], check=True)
 
 
 def main() -> None:
@@ -315,28 +326,30 @@ def main() -> None:
     ops = [op for op in build(args.data, out, args.tools) if args.only in op[0] or "cp+sync" in op[0]]
     if args.compare:
         ops = [twin for op in ops for twin in _with_twin(op, args.compare)]
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name, *_ in ops}
+    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name, *_ in ops}
     ratios: dict[str, list[float]] = {name: [] for name, *_ in ops}
     for rep in range(args.reps):
-        settle(args.data, inputs)
+        settle(args.data, inputs, args.compare)
         last: dict[str, float] = {}
         for name, floor, cmd, target in ops:
             shutil.rmtree(out, ignore_errors=True)
             os.makedirs(out)
-            wall, rss, code = timed(cmd)
+            wall, rss, code, cpu_s = timed(cmd)
             size = _size(target)
-            print(f"rep {rep} {name:32s} {wall:7.2f} s {rss:8.0f} MB  out {size:,} B rc={code}", flush=True)
-            runs[name].append((wall, rss))
+            print(f"rep {rep} {name:32s} {wall:7.2f} s {rss:8.0f} MB  cpu {cpu_s:6.2f} s  out {size:,} B rc={code}",
+                  flush=True)
+            runs[name].append((wall, rss, cpu_s))
             last[name] = wall
             if floor:
                 ratios[name].append(wall / last[floor])
     shutil.rmtree(out, ignore_errors=True)
-    table = ["| operation | wall median (s) | × cp+sync (paired median) | peak RSS median (MB) |",
-             "|---|---:|---:|---:|"]
+    table = ["| operation | wall median (s) | × cp+sync (paired median) | peak RSS median (MB) | CPU median (s) |",
+             "|---|---:|---:|---:|---:|"]
     for name, *_ in ops:
-        walls, rss = [w for w, _ in runs[name]], [r for _, r in runs[name]]
+        walls, rss, cpus = ([r[k] for r in runs[name]] for k in range(3))
         ratio = f"{statistics.median(ratios[name]):.2f}" if ratios[name] else "—"
-        table.append(f"| {name} | {statistics.median(walls):.2f} | {ratio} | {statistics.median(rss):.0f} |")
+        table.append(f"| {name} | {statistics.median(walls):.2f} | {ratio} | {statistics.median(rss):.0f} | "
+                     f"{statistics.median(cpus):.1f} |")
     print("\n".join(table))
     with open(os.path.join(args.data, f"results-{args.suite}.json"), "w") as f:
         json.dump({"runs": runs, "ratios": ratios}, f, indent=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from sdport.dtypes import cast
 from sdport.errors import PlanError, UnknownKeyError
 from sdport.io.base import TensorInfo, TensorSource
 from sdport.patches import Patch
@@ -104,6 +105,11 @@ def test_low_rank_updates_are_added_in_blocks_bit_for_bit_and_several_as_one_pro
     d2 = arrays["u2"] @ arrays["d2"]
     got = compute(OutputTensor("w", "F32", (1280, 640), ("w",), patches=(one,)), arrays.get)
     assert np.array_equal(got, d1 * np.float32(0.2) + w32)
+    for code in ("F16", "BF16"):  # narrowed block by block into the output: the bits of the whole sum cast once
+        got = compute(OutputTensor("w", code, (640, 1280), ("w",), "reshape", ((640, 1280),), patches=(one,)),
+                      arrays.get)
+        assert np.array_equal(got.view(np.uint16), cast(d1 * np.float32(0.2) + w32, code).reshape(640, 1280)
+                              .view(np.uint16))
     got = compute(OutputTensor("w", "F32", (1280, 640), ("w",), patches=(one, two)), arrays.get)
     np.testing.assert_allclose(got, w32 + d1 * np.float32(0.2) - d2 * np.float32(0.5), rtol=1e-5, atol=1e-4)
     product = (arrays["w1"] @ arrays["w2"]) ** 2
