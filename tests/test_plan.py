@@ -84,11 +84,17 @@ def test_patches_add_low_rank_updates_in_fp32_to_whole_tensors_and_row_blocks() 
     np.testing.assert_allclose(tucker, want, rtol=1e-5, atol=1e-5)
 
 
-def test_low_rank_updates_are_added_in_blocks_bit_for_bit_and_several_as_one_product(monkeypatch) -> None:
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-casts", "numpy-casts"])
+def test_low_rank_updates_are_added_in_blocks_bit_for_bit_and_several_as_one_product(monkeypatch, compiled) -> None:
     """One adapter: blocks of rows give the very bits of ``W + (up @ down)·s`` made whole (the formula diffusers'
     fuse_lora uses; tests/test_lora.py checks them against it); several: one rank-concatenated product, equal to
-    adding them in turn up to fp32 rounding; a run broken by another kind keeps its order; the input is unchanged."""
+    adding them in turn up to fp32 rounding; a run broken by another kind keeps its order; the input is unchanged.
+    The same with the compiled casts and with numpy's."""
+    import sdport.dtypes as dtypes
     import sdport.patches as patches
+
+    if not compiled:
+        monkeypatch.setattr(dtypes, "_casts", None)
 
     rng = np.random.default_rng(3)
     shapes = {"w": ((1280, 640), np.float16), "u1": ((1280, 32), np.float16), "d1": ((32, 640), np.float16),
