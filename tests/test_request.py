@@ -125,3 +125,35 @@ def test_a_missing_extra_names_the_pip_line(monkeypatch) -> None:
     assert err.value.message() == ("ONNX export needs the 'onnx' extra (onnxruntime not installed) "
                                    "(pip install 'sdport[onnx]')")
     assert isinstance(err.value, ImportError)
+
+
+def test_an_unknown_output_suffix_is_refused_with_the_formats(demo_ckpt, tmp_path) -> None:
+    """``out.gguf`` was written as safetensors under that name; now one line naming the suffixes, nothing written.
+    ``--format`` still writes any name, and the known suffixes pick their format in any case."""
+    for name in ("out.gguf", "out.onnx", "model.v2"):
+        r = run_cli("convert", demo_ckpt, tmp_path / name)
+        assert r.code == 2 and len(r.err.strip().splitlines()) == 1, r.err
+        assert f"unknown output suffix '.{name.rsplit('.', 1)[1]}'" in r.err and name in r.err
+        assert ".safetensors, .ckpt, .pt, .pth, .bin" in r.err and not (tmp_path / name).exists()
+    assert run_cli("convert", demo_ckpt, tmp_path / "x.weights", "--format", "safetensors").code == 0
+    assert sdport.inspect(str(tmp_path / "x.weights"))["format"] == "safetensors"
+    assert run_cli("convert", demo_ckpt, tmp_path / "y.PTH").code == 0
+    assert sdport.inspect(str(tmp_path / "y.PTH"))["format"] == "torch-zip"
+
+
+def test_every_extra_is_used_and_installed_by_the_test_run() -> None:
+    """No extra that installs nothing sdport imports (gradio, tpu-mlir, MindSpore beside numpy 2 were): each names
+    what a feature imports, and .ci/run installs all of it (the test extra pins them)."""
+    import tomllib
+    from importlib.metadata import version
+    from pathlib import Path
+
+    meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    extras = meta["project"]["optional-dependencies"]
+    assert set(extras) == {"torch", "onnx", "verify", "batch", "ray", "all", "test"}
+    for name, reqs in extras.items():
+        for req in reqs:
+            dist = req.split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip()
+            if dist != "sdport":
+                assert version(dist), f"[{name}] {dist} is not installed by the test run"
+    assert (Path(__file__).parents[1] / "LICENSE").read_text().startswith("MIT License")

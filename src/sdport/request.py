@@ -21,6 +21,8 @@ TARGETS = ("single-file", "diffusers", "mindspore", "onnx")
 #: single-file formats by the name users type, and the writer each uses
 FILE_FORMATS = {"safetensors": "safetensors", "ckpt": "torch-zip", "mindspore": "mindspore"}
 CKPT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+#: the suffixes a single-file output may have without --format
+SINGLE_FILE_SUFFIXES = (".safetensors", *CKPT_SUFFIXES)
 #: what users type for a dtype → its safetensors code (codes themselves are accepted too)
 DTYPE_NAMES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
                "half": "F16", "f32": "F32", "f16": "F16"}
@@ -223,7 +225,11 @@ def _options(src: str, dst: str, target: str | None, fmt: str | None, crc: bool,
             raise SdportError(src, f"--to mindspore writes a MindSpore checkpoint, not {fmt}", "drop --format")
         return MindOneOptions(crc)
     if target == "single-file":
-        fmt = fmt or ("ckpt" if dst.endswith(CKPT_SUFFIXES) else "safetensors")
+        suffix = os.path.splitext(dst.rstrip("/" + os.sep))[1].lower()
+        if fmt is None and suffix and suffix not in SINGLE_FILE_SUFFIXES:
+            raise SdportError(dst, f"unknown output suffix {suffix!r}", "name it " + ", ".join(SINGLE_FILE_SUFFIXES)
+                              + " (or choose the format with --format " + "|".join(FILE_FORMATS) + ")")
+        fmt = fmt or ("ckpt" if suffix in CKPT_SUFFIXES else "safetensors")
         if crc and fmt != "mindspore":
             raise SdportError(src, "--crc is MindSpore's checkpoint trailer", "add --format mindspore or drop --crc")
         return SingleFileOptions(fmt, crc)
