@@ -260,3 +260,23 @@ def test_output_permissions_follow_the_umask(demo_ckpt, tmp_path) -> None:
     finally:
         os.umask(old)
     assert (tmp_path / "p.safetensors").stat().st_mode & 0o777 == 0o640
+
+
+def test_every_option_of_every_verb_is_in_the_readme() -> None:
+    """The README and the CLI in step: each ``--option`` that ``--help`` lists is written somewhere in the README."""
+    from pathlib import Path
+
+    import click
+
+    from sdport.cli import cli
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    missing = []
+
+    def walk(cmd: click.Command, path: str) -> None:
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, f"{path} {name}")
+        missing.extend(f"{path} {o}" for p in cmd.params for o in p.opts if o.startswith("--") and o not in readme)
+
+    walk(cli, "sdport")
+    assert not missing, missing
