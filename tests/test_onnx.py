@@ -520,3 +520,34 @@ def test_a_second_export_takes_its_graphs_from_the_cache_and_writes_the_same_byt
     off = tmp_path / "off"
     sdport.convert(setup["single"], str(off), to="onnx", dtype="fp16", progress=False)
     assert files(off) == files(cold) and sorted(p.name for p in graphs.iterdir()) == entries
+
+
+def test_a_folder_without_scheduler_or_tokenizers_gets_them_filled_in_and_said(setup, tmp_path) -> None:
+    """A diffusers folder kept with its weights only: the export (and a diffusers rewrite) gets the family's schedule
+    and sdport's CLIP tokenizers, says so, and loads in the pipelines — it used to exit 0 with folders missing."""
+    import shutil
+
+    part = tmp_path / "part"
+    shutil.copytree(setup["ref"], part)
+    gone = sorted(p.name for p in part.iterdir() if p.name.startswith(("tokenizer", "scheduler")))
+    for name in gone:
+        shutil.rmtree(part / name)
+    out, again = tmp_path / "onnx", tmp_path / "again"
+    r = run_cli("convert", part, out, "--to", "onnx")
+    assert r.code == 0, r.err
+    assert sorted(line.split(":")[0] for line in r.err.splitlines() if line.startswith("added ")) == \
+        [f"added {n}/" for n in gone]
+    index = json.loads((out / "model_index.json").read_text())
+    assert all(index[n][0] and (out / n).is_dir() for n in gone)
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == sdport.inspect(str(part))["prediction_type"]
+    ref = setup["pipe"]
+    for n in (n for n in gone if n.startswith("tokenizer")):
+        tok = __import__("transformers").CLIPTokenizer.from_pretrained(str(out / n))
+        assert tok("a photo of a cat").input_ids == getattr(ref, n)("a photo of a cat").input_ids
+    if setup["name"] in ("sd1", "sd2"):
+        pipe = diffusers.OnnxStableDiffusionPipeline.from_pretrained(str(out), provider="CPUExecutionProvider")
+        assert type(pipe.scheduler).__name__ == scheduler["_class_name"]
+    assert run_cli("convert", part, again, "--dtype", "fp16").code == 0
+    loaded = getattr(diffusers, PIPES[setup["name"]]).from_pretrained(str(again))
+    assert all(getattr(loaded, n) is not None for n in gone)

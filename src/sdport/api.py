@@ -37,6 +37,7 @@ class ConvertResult:
         family: the model's family (the base's, with ``base``).
         prediction_type: what the output's scheduler says the UNet predicts ("" when it has none).
         adapters: what each merged adapter did.
+        added: files the input lacked that the output's loaders need, filled in (path → from where).
     """
 
     output: str
@@ -47,6 +48,7 @@ class ConvertResult:
     family: str = ""
     prediction_type: str = ""
     adapters: list[AdapterReport] = field(default_factory=list)
+    added: dict[str, str] = field(default_factory=dict)
 
 
 def convert(src: PathLike, dst: PathLike, *, to: str | None = None, dtype: str = "keep", format: str | None = None,
@@ -113,7 +115,7 @@ def run(request: ConvertRequest, *, progress: bool = False) -> ConvertResult:
         execute(plan, job.source, request.output, force=request.force, progress=progress)
         family = job.base.found.family if job.base else job.model.found.family
         return ConvertResult(request.output, sum(len(f.tensors) for f in plan.files), plan.nbytes, plan.dropped,
-                             plan.unknown, family, plan.prediction_type, job.adapters)
+                             plan.unknown, family, plan.prediction_type, job.adapters, plan.added)
 
 
 @contextmanager

@@ -112,6 +112,7 @@ class Plan:
     unknown: list[str] = field(default_factory=list)  # input names let through by --allow-unknown
     extra: dict[str, bytes] = field(default_factory=dict)  # other files of a folder output (configs, tokenizers)
     prediction_type: str = ""  # what the output's scheduler config says the UNet predicts, when it has one
+    added: dict[str, str] = field(default_factory=dict)  # files the input lacked, filled in → from where
 
     @property
     def nbytes(self) -> int:

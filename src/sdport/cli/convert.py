@@ -76,6 +76,8 @@ def convert_cmd(src: str, dst: str, to: str | None, dtype: str, fmt: str | None,
     if not quiet:
         click.echo(f"wrote {result.output}: {result.tensors} tensors, {result.bytes:,} bytes"
                    + (f", {len(result.dropped)} entries left out" if result.dropped else ""), err=True)
+        for path, why in result.added.items():
+            click.echo(f"added {path}: {why}", err=True)
     if report:
         for adapter in result.adapters:
             click.echo(f"lora {adapter.line()}")
@@ -85,6 +87,8 @@ def convert_cmd(src: str, dst: str, to: str | None, dtype: str, fmt: str | None,
             click.echo(f"dropped {name}: {why}")
         for name in result.unknown:
             click.echo(f"unknown {name}: copied unchanged (--allow-unknown)")
+        for path, why in result.added.items():
+            click.echo(f"added {path}: {why}")
     return _verify(request) if check else 0
 
 

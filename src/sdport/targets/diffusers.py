@@ -16,7 +16,7 @@ import re
 from ..detect import prediction_type
 from ..errors import SdportError
 from ..families import Family, Part
-from ..families.configs import json_bytes, model_index, pipeline_files
+from ..families.configs import json_bytes, model_index, pipeline_files, scheduler_config, tokenizer_files
 from ..families.parts import part_links
 from ..families.parts.links import Links
 from ..io.diffusers import small_files
@@ -128,7 +128,36 @@ def folder_plan(model: Model) -> Plan:
         files[out].tensors.append(derive(inner, None, source, (name,)))
     plan = Plan(files=list(files.values()), dropped={k: f"not a tensor ({v})" for k, v in source.non_tensors.items()})
     plan.extra = small_files(source.path, {os.path.realpath(i.file) for i in source.tensors.values()})
+    _fill_pipeline(model, plan)
     return plan
+
+
+def _fill_pipeline(model: Model, plan: Plan) -> None:
+    """A pipeline folder kept without its scheduler or tokenizers (people often keep only the weights) gets the
+    family's training schedule and sdport's bundled CLIP tokenizers, so that the pipeline loading the output
+    finds them; ``plan.added`` says what was filled in."""
+    family = model.family()
+    if not family.whole:
+        return
+    components = {f.path.split("/")[0] for f in plan.files}
+    index = json.loads(plan.extra.get("model_index.json", b"{}") or b"{}")
+    if "scheduler/scheduler_config.json" not in plan.extra:
+        kind = prediction_type(model.found)[0]
+        config = scheduler_config(family, kind)
+        plan.extra["scheduler/scheduler_config.json"] = json_bytes(config)
+        index["scheduler"] = ["diffusers", config["_class_name"]]
+        plan.added["scheduler/"] = f"the folder has none: {family.name}'s schedule ({config['_class_name']}, {kind})"
+    for part in family.parts:
+        tokenizer = part.component.replace("text_encoder", "tokenizer")
+        if part.component.startswith("text_encoder") and part.component in components and \
+                not any(k.startswith(tokenizer + "/") for k in plan.extra):
+            pad = "<|endoftext|>" if part.kind == "clip-l" else "!"
+            plan.extra.update({f"{tokenizer}/{k}": v for k, v in tokenizer_files(pad).items()})
+            index[tokenizer] = ["transformers", "CLIPTokenizer"]
+            plan.added[f"{tokenizer}/"] = "the folder has none: sdport's bundled CLIP tokenizer"
+    if plan.added:
+        base = model_index(family, components, model.found.variant, index["scheduler"][1])
+        plan.extra["model_index.json"] = json_bytes({**base, **index})
 
 
 def from_export(model: Model, request: ConvertRequest) -> Plan:

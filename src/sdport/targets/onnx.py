@@ -143,7 +143,7 @@ def onnx_plan(plan: Plan, family: Family, options: OnnxOptions, *, dtype: str = 
         chosen = [s for s in chosen if s.name in components or s.name == "cnet" and "unet" in components]
     if dtype not in ("F32", "F16"):
         raise SdportError(None, f"ONNX export in {dtype}", "use --dtype fp32 or fp16")
-    out = Plan(files=[], dropped=dict(plan.dropped))
+    out = Plan(files=[], dropped=dict(plan.dropped), added=dict(plan.added))
     used: set[str] = set()
     for spec in chosen:
         if progress:
