@@ -84,10 +84,12 @@ def _run(src: np.ndarray, dst: np.ndarray, kernel: str, args: tuple[int, ...]) -
     return True
 
 
-def _fast(a: np.ndarray, kernel: str, out_dtype: np.dtype, *args: int) -> np.ndarray | None:
-    """``a`` converted by ``sdport._casts.<kernel>`` into a new array, or None without the compiled kernels."""
-    out = np.empty(a.shape, out_dtype)
-    return out if _run(np.require(a, requirements="C"), out, kernel, args) else None
+def _fast(a: np.ndarray, src: str, dst: str, *nan_bits: int) -> np.ndarray | None:
+    """``a`` (of dtype ``src``) converted to ``dst`` by its compiled kernel into a new array, or None without one.
+    ``nan_bits`` replaces the kernel's NaN pattern (bfloat16 from float16: 0x7FC0)."""
+    kernel, args = _KERNELS[(src, dst)]
+    out = np.empty(a.shape, BY_CODE[dst].numpy)
+    return out if _run(np.require(a, requirements="C"), out, kernel, nan_bits or args) else None
 
 
 def cast_into(src: np.ndarray, dst: np.ndarray) -> None:
@@ -104,7 +106,7 @@ def _to_f32(a: np.ndarray) -> np.ndarray:
     if code == "F32":
         return a
     if code in ("F16", "BF16"):
-        fast = _fast(a, "f16_to_f32" if code == "F16" else "bf16_to_f32", np.dtype(np.float32))
+        fast = _fast(a, code, "F32")
         if fast is not None:
             return fast
     out = a.astype(np.float32)
@@ -116,7 +118,7 @@ def _to_f32(a: np.ndarray) -> np.ndarray:
 
 
 def _f32_to_f16(a: np.ndarray) -> np.ndarray:
-    fast = _fast(a, "f32_to_f16", np.dtype(np.float16))
+    fast = _fast(a, "F32", "F16")
     if fast is not None:
         return fast
     with np.errstate(over="ignore", invalid="ignore"):
@@ -130,7 +132,7 @@ def _f32_to_f16(a: np.ndarray) -> np.ndarray:
 
 
 def _f32_to_bf16(a: np.ndarray, nan_bits: int) -> np.ndarray:
-    fast = _fast(a, "f32_to_bf16", np.dtype(ml_dtypes.bfloat16), nan_bits)
+    fast = _fast(a, "F32", "BF16", nan_bits)
     if fast is not None:
         return fast
     bits = np.ascontiguousarray(a).view(np.uint32)

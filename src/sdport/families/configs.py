@@ -144,6 +144,11 @@ def tokenizer_files(pad: str) -> dict[str, bytes]:
             "special_tokens_map.json": json_bytes(special), "tokenizer_config.json": json_bytes(config)}
 
 
+def tokenizer_for(kind: str) -> dict[str, bytes]:
+    """The tokenizer files of a text encoder of this kind: CLIP-L pads with ``<|endoftext|>``, OpenCLIP with ``!``."""
+    return tokenizer_files("<|endoftext|>" if kind == "clip-l" else "!")
+
+
 def model_index(family: Family, components: set[str], variant: str, scheduler: str) -> dict:
     """model_index.json of the pipeline; components left out (``--components``) are written as null."""
     pipeline = family.inpaint_pipeline if variant == "inpaint" and family.inpaint_pipeline else family.pipeline
@@ -183,8 +188,7 @@ def pipeline_files(family_name: str, shapes: dict[str, Shapes], layouts: dict, *
         else:
             cfg = text_config(comp_shapes, part.kind)
             tokenizer = component.replace("text_encoder", "tokenizer")
-            pad = "<|endoftext|>" if part.kind == "clip-l" else "!"
-            files.update({f"{tokenizer}/{k}": v for k, v in tokenizer_files(pad).items()})
+            files.update({f"{tokenizer}/{k}": v for k, v in tokenizer_for(part.kind).items()})
         files[folder.format(component) + "config.json"] = json_bytes(cfg)
     if family.whole:
         scheduler = scheduler_config(family, prediction_type, zero_snr=zero_snr)

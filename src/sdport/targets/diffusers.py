@@ -16,7 +16,7 @@ import re
 from ..detect import prediction_type
 from ..errors import SdportError
 from ..families import Family, Part
-from ..families.configs import json_bytes, model_index, pipeline_files, scheduler_config, tokenizer_files
+from ..families.configs import json_bytes, model_index, pipeline_files, scheduler_config, tokenizer_for
 from ..families.parts import part_links
 from ..families.parts.links import Links
 from ..io.diffusers import small_files
@@ -151,8 +151,7 @@ def _fill_pipeline(model: Model, plan: Plan) -> None:
         tokenizer = part.component.replace("text_encoder", "tokenizer")
         if part.component.startswith("text_encoder") and part.component in components and \
                 not any(k.startswith(tokenizer + "/") for k in plan.extra):
-            pad = "<|endoftext|>" if part.kind == "clip-l" else "!"
-            plan.extra.update({f"{tokenizer}/{k}": v for k, v in tokenizer_files(pad).items()})
+            plan.extra.update({f"{tokenizer}/{k}": v for k, v in tokenizer_for(part.kind).items()})
             index[tokenizer] = ["transformers", "CLIPTokenizer"]
             plan.added[f"{tokenizer}/"] = "the folder has none: sdport's bundled CLIP tokenizer"
     if plan.added:

@@ -75,12 +75,10 @@ def _load(name: str, spec: traced_onnx.Spec) -> traced_onnx.Traced | None:
     try:
         with open(name + ".json", encoding="utf-8") as f:
             meta = json.load(f)
-        with open(name + ".onnx", "rb") as f:
-            whole = f.read()
-        if hashlib.sha256(whole).hexdigest() != meta["sha256"]:
+        model, graph = split_model(name + ".onnx")  # read once; the entry is exactly these two parts again
+        if hashlib.sha256(model + _field(7, graph)).hexdigest() != meta["sha256"]:
             return None
         params = [(str(n), str(d), tuple(int(x) for x in s)) for n, d, s in meta["params"]]
-        model, graph = split_model(name + ".onnx")
     except Exception:  # noqa: BLE001 - an entry unreadable in any way is traced again
         return None
     return traced_onnx.Traced(spec, model, graph, params)
