@@ -273,7 +273,7 @@ def test_bad_inputs_are_refused_in_one_line(setup, tmp_path) -> None:
         r = run_cli("lora", *args)
         assert r.code == 2 and words in r.err and len(r.err.strip().splitlines()) <= 2, (args, r.err)
         assert not os.path.exists(out) and leftovers(tmp_path) == []
-    # cloneofsimo's safeloras number their modules in the order an old diffusers built them: refused, not guessed
+    # a cloneofsimo safeloras whose modules do not fit its injection order into an SD1/SD2 UNet: refused, not guessed
     clone = str(tmp_path / "clone.safetensors")
     safetensors.torch.save_file({"unet:0:up": torch.zeros(320, 4), "unet:0:down": torch.zeros(4, 320)}, clone,
                                 metadata={"unet": '["CrossAttention", "Attention", "GEGLU"]', "unet:0:rank": "4"})

@@ -2,7 +2,8 @@
 text encoder's token embedding — what onnx-web does for a manifest's ``inversions``, streamed like any plan.
 
 An embedding file is one of: A1111's ``.pt`` (``string_to_param`` → ``*``) or ``.safetensors`` (``emb_params``),
-diffusers' ``learned_embeds`` (one entry, named after its token), or an SDXL embedding (``clip_l`` and
+diffusers' ``learned_embeds`` (one entry, named after its token; cloneofsimo's ``.ti.pt`` too), the token a
+cloneofsimo "safeloras" carries beside its LoRA, or an SDXL embedding (``clip_l`` and
 ``clip_g``, for the two text encoders). Tokens are named as onnx-web names them (``token_rows``); every
 vector is multiplied by the entry's weight. The new rows are computed in memory (a few KB) and
 joined to the run's source; the embedding matrix becomes ``concat(matrix, rows)``; ``vocab_size`` in the
@@ -20,6 +21,7 @@ import numpy as np
 from .dtypes import BY_CODE
 from .errors import SdportError
 from .families.configs import json_bytes
+from .families.parts.clip import hub_name
 from .io import open_file
 from .plan import Plan, derive
 from .sources import locate
@@ -36,6 +38,8 @@ MAX_VECTORS = 75
 MAX_WIDTH = 8192
 #: A1111's entry in a .pt embedding (``string_to_param`` → ``*``) and in a .safetensors one
 A1111_KEYS = {"string_to_param.*", "emb_params"}
+#: cloneofsimo's "safeloras" flag the metadata of a token's vector with this
+EMBED_FLAG = "<embed>"
 
 
 def vectors(path: str) -> tuple[str, dict[str, np.ndarray]]:
@@ -43,7 +47,13 @@ def vectors(path: str) -> tuple[str, dict[str, np.ndarray]]:
     per text encoder, each ``[N, width]`` fp32."""
     with open_file(path) as source:
         names, trained = list(source.tensors), ""
-        if set(names) & set(SDXL_KEYS):
+        embeds = [k for k in names if source.metadata.get(k) == EMBED_FLAG]  # cloneofsimo's, beside its LoRA
+        if len(embeds) > 1:
+            raise SdportError(path, f"carries {len(embeds)} tokens ({', '.join(embeds[:4])})",
+                              "sdport adds one token per --inversion; save each with cloneofsimo's tools")
+        if embeds:
+            picked, trained = {"text_encoder": embeds[0]}, embeds[0]
+        elif set(names) & set(SDXL_KEYS):
             picked = {SDXL_KEYS[k]: k for k in names if k in SDXL_KEYS}
         elif A1111_KEYS & set(names):
             picked = {"text_encoder": next(k for k in names if k in A1111_KEYS)}
@@ -111,7 +121,7 @@ def add_inversions(plan: Plan, run: Run) -> Plan:
 def _extend(plan: Plan, run: Run, encoder: str, tokens: list[str], rows: np.ndarray) -> None:
     """The encoder's embedding matrix with ``rows`` appended, its config's vocab_size and its tokenizer's tokens."""
     out = next((f for f in plan.files if f.path.startswith(encoder + "/")), None)
-    k = next((i for i, t in enumerate(out.tensors) if t.name == EMBEDDING), None) if out else None
+    k = next((i for i, t in enumerate(out.tensors) if hub_name(t.name) == EMBEDDING), None) if out else None
     if out is None or k is None:
         raise SdportError(run.model.path, f"an inversion needs the model's {encoder}, which it lacks",
                           "drop the inversion, or convert the whole model")
@@ -133,19 +143,36 @@ def _extend(plan: Plan, run: Run, encoder: str, tokens: list[str], rows: np.ndar
                                  tokenizer, tokens, vocab))
 
 
+def _token_ids(files: dict[str, bytes], folder: str) -> dict[str, int]:
+    """token → id over the slow tokenizer's ``vocab.json`` and ``added_tokens.json`` and the fast one's
+    ``tokenizer.json`` (transformers 5 saves only the latter); entries that are not token → integer are ignored."""
+    def load(name: str) -> dict:
+        doc = json.loads(files.get(f"{folder}/{name}", b"{}"))
+        return doc if isinstance(doc, dict) else {}
+
+    fast = load("tokenizer.json")
+    model = fast.get("model") if isinstance(fast.get("model"), dict) else {}
+    vocab = model.get("vocab") if isinstance(model.get("vocab"), dict) else {}
+    extra = [t for t in fast.get("added_tokens") or [] if isinstance(t, dict)]
+    pairs = {**load("vocab.json"), **load("added_tokens.json"), **vocab,
+             **{t.get("content"): t.get("id") for t in extra}}
+    return {t: i for t, i in pairs.items() if isinstance(t, str) and type(i) is int}
+
+
 def add_tokens(files: dict[str, bytes], folder: str, tokens: list[str], first: int) -> dict[str, bytes]:
     """A CLIP tokenizer's files with ``tokens`` added as ids ``first``, ``first + 1`` …, as transformers'
     ``add_tokens`` saves them (``added_tokens.json``, ``tokenizer_config.json``, ``tokenizer.json`` if present)."""
     if f"{folder}/tokenizer_config.json" not in files:
         raise SdportError(None, f"an inversion adds tokens to {folder}, which the model lacks",
                           "convert a model that has its tokenizer")
-    vocab = json.loads(files.get(f"{folder}/vocab.json", b"{}"))
     added = json.loads(files.get(f"{folder}/added_tokens.json", b"{}"))
-    clash = next((t for t in tokens if t in vocab or t in added or tokens.count(t) > 1), None)
+    known = _token_ids(files, folder)
+    clash = next((t for t in tokens if t in known or tokens.count(t) > 1), None)
     if clash is not None:
         raise SdportError(None, f"token {clash!r} is already in {folder}", "give the inversion another token")
-    if len(vocab) + len(added) != first:
-        raise SdportError(None, f"{folder} has {len(vocab) + len(added)} tokens, its text encoder {first}",
+    size = max(known.values(), default=-1) + 1
+    if size != first:
+        raise SdportError(None, f"{folder} has {size} tokens, its text encoder {first}",
                           "the tokenizer is not the text encoder's")
     ids = {t: first + i for i, t in enumerate(tokens)}
     entry = {"lstrip": False, "normalized": True, "rstrip": False, "single_word": False, "special": False}

@@ -90,6 +90,7 @@ class Canonical:
     family: str
     alpha_dtype: str
     alpha_keys: list[str]
+    left: dict[str, str]  # tensors of the file that are no module's factors → why
 
 
 def canonical(model: Model, workspace: TensorSource, prefix: str = "", family: str | None = None) -> Canonical:
@@ -113,7 +114,8 @@ def canonical(model: Model, workspace: TensorSource, prefix: str = "", family: s
             raise FormatError(source.path, f"two modules of the file update {out.label}", "the file is damaged")
         outs[out.label] = out
     alpha_dtype = alpha_dtypes.most_common(1)[0][0] if alpha_dtypes else "F32"
-    return Canonical(list(outs.values()), family, alpha_dtype, [names[k] for k in adapter.alpha_keys])
+    return Canonical(list(outs.values()), family, alpha_dtype, [names[k] for k in adapter.alpha_keys],
+                     {names[k]: why for k, why in adapter.left.items()})
 
 
 def refactorable(out: Out) -> bool:

@@ -5,7 +5,8 @@ Formats read: kohya / A1111 / LyCORIS (``lora_unet_…``, ``lora_te[12]_…``, t
 LoKr ``lokr_*``, DoRA ``dora_scale``, (IA)³ ``weight``/``on_input``, full ``diff``/``diff_b``, norm
 ``w_norm``/``b_norm``), diffusers / PEFT (``unet.….lora_A.weight``/``lora_B.weight``, DoRA
 ``lora_magnitude_vector``, alphas from ``lora_adapter_metadata`` or per-module ``.alpha``), and the old
-diffusers attention-processor format (``….processor.to_q_lora.down.weight``). Algorithms sdport cannot
+diffusers attention-processor format (``….processor.to_q_lora.down.weight``) and cloneofsimo/lora's numbered
+modules (``cloneofsimo``: "safeloras" and ``.pt`` lists). Algorithms sdport cannot
 merge (OFT, GLoRA) are refused by name, never skipped.
 
 ``ADAPTERS`` is the one registry of adapter formats: their signatures (which ``detect`` scores beside the
@@ -62,11 +63,14 @@ _SPECIFIC = {
     "diffusers-old": r".*\.processor\..*_lora\.(up|down)\.weight",
     "cloneofsimo": _SAFELORAS.pattern,
 }
+#: cloneofsimo's .pt lists: torch.save of [up, down, up, down …], read as tensors "0", "1", …
+_NUMBERED = Signature("lora", "adapter", (r"\d+",), none_of=(r".*\D.*",), tag="cloneofsimo")
 #: adapter formats as detect sees them; of several that match, the one asking the most wins (kohya names
 #: with LyCORIS tensors are LyCORIS); ``unknown``: adapter-like names of no format sdport reads
 ADAPTERS: tuple[Signature, ...] = (
     Signature("lora", "adapter", (r"(lora_unet|lora_te\d?)_.*", _LYCORIS), tag="lycoris"),
     *(Signature("lora", "adapter", (rx,), tag=tag) for tag, rx in _SPECIFIC.items() if tag != "peft"),
+    _NUMBERED,
     Signature("lora", "adapter", (_SPECIFIC["peft"],), none_of=(r"model\.diffusion_model\..*",), tag="peft"),
     Signature("lora", "adapter", (r".*[._](lora_down|lora_A|lora\.down|hada_w1_a|lokr_w1|lokr_w1_a)(\.[A-Za-z_]+)?"
                                   r"(\.weight)?|(lora_unet|lora_te\d?|lycoris|oft_unet)_[^.]+\.(on_input|diff|diff_b"
@@ -142,6 +146,7 @@ class Adapter:
     format: str
     modules: list[Module]
     alpha_keys: list[str]  # tensors folded into the scale (read at plan time)
+    left: dict[str, str] = field(default_factory=dict)  # tensors that are not modules' factors → why not used
 
 
 def parse(source: TensorSource, alphas: dict[str, float], fmt: str) -> Adapter:
@@ -155,9 +160,7 @@ def parse(source: TensorSource, alphas: dict[str, float], fmt: str) -> Adapter:
                 raise FormatError(source.path, f"uses {algo} (tensor '{name}'), which this version cannot merge",
                                   "LoRA/LoCon/Tucker, LoHa, LoKr, DoRA, (IA)³, full/diff and norm are merged")
     if fmt == "cloneofsimo":
-        raise FormatError(source.path, "is a cloneofsimo/lora 'safeloras' file, whose modules are numbered in the "
-                          "order a 2022 diffusers built them, not named", "sdport does not guess that order; "
-                          "load it with cloneofsimo/lora and save it with diffusers' save_lora_weights")
+        return _cloneofsimo(source)
     if fmt in ("kohya", "lycoris"):
         return _kohya(source, names, alphas)
     if fmt == "diffusers-old":
@@ -167,7 +170,8 @@ def parse(source: TensorSource, alphas: dict[str, float], fmt: str) -> Adapter:
     if fmt in ("peft", "mindone"):  # MindOne's SDXL LoRAs are PEFT-shaped under the original UNet names
         return _peft(source, names, alphas)
     raise FormatError(source.path, "not a LoRA adapter sdport recognises",
-                      "kohya (lora_unet_…), diffusers/PEFT (lora_A/lora_B) and old diffusers (…_lora.up) are read")
+                      "kohya (lora_unet_…), diffusers/PEFT (lora_A/lora_B), old diffusers (…_lora.up) and "
+                      "cloneofsimo's (unet:0:up, .pt lists) are read")
 
 
 def _kohya(source: TensorSource, names: list[str], alphas: dict[str, float]) -> Adapter:
@@ -239,6 +243,17 @@ def _mindone(source: TensorSource, names: list[str]) -> Adapter:
         mod = modules.setdefault(m[1], Module("unet", m[1], "diffusers", kind="lora"))
         mod.factors["up" if m[2] == "lora_up" else "down"] = name
     return Adapter(source.path, "mindone", _complete(source, modules), [])
+
+
+def _cloneofsimo(source: TensorSource) -> Adapter:
+    from .cloneofsimo import placed
+
+    pairs, embeds = placed(source)
+    modules = [Module(component, path, "diffusers", {"up": up, "down": down}, kind="lora")
+               for component, path, up, down in pairs]
+    why = "a textual-inversion token riding along (give the file to --inversion to add it)"
+    return Adapter(source.path, "cloneofsimo", _complete(source, {m.label: m for m in modules}), [],
+                   dict.fromkeys(embeds, why))
 
 
 def _guess_component(path: str) -> str:

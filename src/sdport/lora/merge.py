@@ -60,6 +60,7 @@ def merge_adapters(plan: Plan, source: TensorSource, family: Family, diffusers_l
                               "use a base of the family the LoRA was trained on")
         names = source.join(f"lora{i}:", tensors)
         plan.dropped.update({names[k]: "alpha or flag, read into the merge" for k in adapter.alpha_keys})
+        plan.dropped.update({names[k]: why for k, why in adapter.left.items()})
         report = AdapterReport(model.path, adapter.format, ratio)
         for module in adapter.modules:
             found = _targets(index, module, read_as or {})

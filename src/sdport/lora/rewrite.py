@@ -216,13 +216,15 @@ def convert_adapter(src: str, dst: str, *, to: str, rank: int | None = None, dty
         folded = sum(o.scale(source) != 1.0 for o in read.outs) if to == "diffusers-old" else 0
     notes = [f"alpha/rank folded into lora up for {folded} modules (the format has no alpha; values rounded "
              "once)"] if folded else []
+    if read.left:
+        notes.append(f"left out {len(read.left)} tensors that are no module's: {next(iter(read.left.values()))}")
     return Written(dst, to, len(read.outs), len(tensors), errors, notes)
 
 
 def _alphas_left_out(read: Canonical, to: str) -> dict[str, str]:
     where = {"kohya": "written anew beside each module", "peft": "in lora_adapter_metadata",
              "diffusers-old": "folded into lora up"}[to]
-    return dict.fromkeys(read.alpha_keys, f"alpha or (IA)³ flag: {where}")
+    return {**dict.fromkeys(read.alpha_keys, f"alpha or (IA)³ flag: {where}"), **read.left}
 
 
 def kept_metadata(metadata: dict[str, str], *, refactored: bool) -> dict[str, str]:

@@ -101,9 +101,9 @@ def _drop_other_parts(model: Model, family: Family, parts: list[Part], plan: Pla
 def rewrite(model: Model, request: ConvertRequest) -> Plan:
     """A diffusers folder rewritten as itself, adapters merged or in another dtype: same files, same names, configs
     copied."""
-    if not (request.loras or request.dtype or request.in_memory):
-        raise SdportError(model.path, "already a diffusers folder", "convert it to a single file, another dtype, "
-                          "or merge adapters into it")
+    if not (request.loras or request.inversions or request.vae or request.dtype or request.in_memory):
+        raise SdportError(model.path, "already a diffusers folder", "convert it to a single file or another "
+                          "dtype, merge adapters into it, or add a VAE or an inversion")
     return folder_plan(model)
 
 
