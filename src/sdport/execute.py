@@ -43,24 +43,29 @@ def execute(plan: Plan, source: TensorSource, target: str, *, force: bool = Fals
     check_target(target, force=force, inputs=[*inputs, source.path, *protect], need_bytes=plan.nbytes)
     for file in inputs:
         source.fd(file)  # open every input here, so the worker threads never touch the descriptor table
-    with Progress(plan.nbytes, os.path.basename(target), enabled=progress) as bar:
+    name = os.path.basename(target)
+    with Progress(plan.nbytes, name, enabled=progress) as bar:
         if len(plan.files) == 1 and plan.files[0].path == "." and not plan.extra:
-            _write_file(plan.files[0], source, target, force, bar)
+            _write_file(plan.files[0], source, target, force, bar, name)
             return
         with AtomicDir(target, force=force) as folder:
             for out in plan.files:
-                _write_file(out, source, folder.path(out.path), False, bar)
+                _write_file(out, source, folder.path(out.path), False, bar, f"{name}/{out.path}")
             for relative, data in plan.extra.items():
                 folder.write_bytes(relative, data)
             folder.commit()
 
 
-def _write_file(out: OutputFile, source: TensorSource, path: str, force: bool, bar: Progress) -> None:
+def _write_file(out: OutputFile, source: TensorSource, path: str, force: bool, bar: Progress, shown: str) -> None:
+    """One output file; the bar's label says which, and whether its weights or (ONNX) its graph are being written."""
     computed = [t for t in out.tensors if not is_passthrough(t, source)]
     pieces = _ahead(_pieces(computed, source))
+    graph = out.writer.format == "onnx"  # the graph goes out before the weights, or with the model file after them
     try:
         with open_writer(out.writer.format, path, force=force, **out.writer.options) as writer:
+            bar.stage(f"graph {shown}" if graph else f"weights {shown}")
             writer.begin([t.slot() for t in out.tensors], out.metadata)
+            bar.stage(f"weights {shown}")
             for t in out.tensors:
                 if is_passthrough(t, source):
                     info = source.tensors[t.inputs[0]]
@@ -68,6 +73,8 @@ def _write_file(out: OutputFile, source: TensorSource, path: str, force: bool, b
                 else:
                     writer.write_parts(t.name, _parts_of(t.name, pieces))
                 bar.update(t.slot().nbytes)
+            if graph:
+                bar.stage(f"graph {shown}")
             writer.commit()
     finally:
         pieces.close()

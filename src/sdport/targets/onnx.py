@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -27,6 +27,7 @@ from ..io.onnx import DATA_FILE_NAMES, needs_external, open_onnx, split_model
 from ..io.onnx_folder import NAME_MAP, folder_graphs, full_name, owner
 from ..model import Model
 from ..plan import OutputFile, OutputTensor, Plan, WriterSpec, derive, validate
+from ..progress import Stages
 from ..request import ConvertRequest, OnnxOptions
 from ..trace.onnx import Spec
 from . import diffusers
@@ -93,9 +94,9 @@ def finish(plan: Plan, run: Run) -> Plan:
         return plan
     validate(plan, run.source, allow_unknown=run.request.allow_unknown)
     options = run.request.options if isinstance(run.request.options, OnnxOptions) else OnnxOptions()
-    say = (lambda name: print(f"tracing {name}", file=sys.stderr)) if run.progress else None
-    return onnx_plan(plan, run.family(), options, dtype=run.request.dtype or "F32",
-                     components=run.request.components, progress=say)
+    with Stages("tracing", enabled=run.progress) as stages:
+        return onnx_plan(plan, run.family(), options, dtype=run.request.dtype or "F32",
+                         components=run.request.components, progress=stages.step if run.progress else None)
 
 
 def component_tensors(plan: Plan) -> dict[str, dict[str, OutputTensor]]:
@@ -120,8 +121,10 @@ def component_configs(plan: Plan, components: list[str]) -> dict[str, dict]:
 
 
 def onnx_plan(plan: Plan, family: Family, options: OnnxOptions, *, dtype: str = "F32",
-              components: tuple[str, ...] | None = None, progress=None) -> Plan:
-    """The ONNX export of a diffusers-layout ``plan`` (validated against its source by the caller)."""
+              components: tuple[str, ...] | None = None,
+              progress: Callable[[str, int, int], None] | None = None) -> Plan:
+    """The ONNX export of a diffusers-layout ``plan`` (validated against its source by the caller); ``progress`` is
+    told each component (name, its number from 1, how many) as its tracing begins."""
     from ..trace.cache import traced as trace
     from ..trace.onnx import specs
 
@@ -145,9 +148,9 @@ def onnx_plan(plan: Plan, family: Family, options: OnnxOptions, *, dtype: str = 
         raise SdportError(None, f"ONNX export in {dtype}", "use --dtype fp32 or fp16")
     out = Plan(files=[], dropped=dict(plan.dropped), added=dict(plan.added))
     used: set[str] = set()
-    for spec in chosen:
+    for number, spec in enumerate(chosen, 1):
         if progress:
-            progress(spec.name)
+            progress(spec.name, number, len(chosen))
         want = (vae_dtype or dtype) if spec.weights == "vae" else dtype
         traced = trace(spec, configs[spec.weights], opset=options.opset, fp16=want == "F16", fp16_io=dtype == "F16")
         # a text encoder's names with or without transformers' ``text_model.`` (the module's and the file's may differ)
