@@ -29,6 +29,11 @@ VARIANTS: tuple[Signature, ...] = (
 )
 
 
+#: the metadata key (``_sdport_prediction_type_source`` in a scheduler config) saying where sdport took the
+#: prediction type it wrote from
+PREDICTION_SOURCE = "sdport.prediction_type_source"
+ORIGINS = {"marker": "a v_pred marker", "metadata": "the source's metadata", "user": "--prediction-type"}
+
 @dataclass
 class Detection:
     """What a file is: family (``unknown`` when nothing matched), its layout, variant and why."""
@@ -39,6 +44,7 @@ class Detection:
     adapter_format: str = ""
     evidence: list[str] = field(default_factory=list)
     prediction: tuple[str, str] = ("", "")  # what the file says the model predicts, and where it says so
+    prediction_source: str = ""  # marker, metadata or user ("" = nothing said: the family's default applies)
 
 
 @dataclass
@@ -146,20 +152,32 @@ def _variants(found: Detection, tensors: dict[str, TensorInfo]) -> None:
 
 
 def _prediction(found: Detection, tensors: dict[str, TensorInfo], metadata: dict[str, str]) -> None:
-    """What the file says the UNet predicts: the ``v_pred`` marker of SD2 checkpoints, or modelspec metadata."""
+    """What the file says the UNet predicts: the ``v_pred`` marker of SD2 checkpoints, or modelspec metadata —
+    unless sdport wrote that metadata itself from a family default (``sdport.prediction_type_source``)."""
     said = metadata.get("modelspec.predict_key") or metadata.get("modelspec.prediction_type", "")
-    if "v_pred" in tensors or said.startswith("v"):
+    origin = metadata.get(PREDICTION_SOURCE, "")
+    if "v_pred" in tensors:
+        found.prediction, found.prediction_source = ("v_prediction", "v_pred marker present"), "marker"
+    elif said[:1] in ("v", "e") and origin != "default":
+        value = "v_prediction" if said.startswith("v") else "epsilon"
+        how = f"modelspec metadata says {said}" + (f", recorded from {ORIGINS[origin]}" if origin in ORIGINS else "")
+        found.prediction, found.prediction_source = (value, how), "user" if origin == "user" else "metadata"
+    if found.prediction[0] == "v_prediction":
         found.variant = (found.variant + "+v-prediction").lstrip("+")
-        found.prediction = ("v_prediction", "v_pred marker present" if "v_pred" in tensors
-                            else f"modelspec metadata says {said}")
         found.evidence.append(found.prediction[1])
-    elif said.startswith("eps"):
-        found.prediction = ("epsilon", f"modelspec metadata says {said}")
 
 
 def prediction_type(found: Detection) -> tuple[str, str]:
     """``epsilon`` or ``v_prediction`` for a detected model, and how it was decided."""
+    if found.prediction_source == "user":
+        return found.prediction[0], f"the user said so when it was converted ({found.prediction[1]})"
     if found.prediction[0]:
         return found.prediction[0], f"the file says so ({found.prediction[1]})"
     family = FAMILIES.get(found.family)
     return family.default_prediction() if family else ("epsilon", f"{found.family}'s default")
+
+
+def prediction_origin(found: Detection, asked: str | None = None) -> str:
+    """Where an output's prediction type comes from, as ``sdport.prediction_type_source`` records it: ``user``
+    (``--prediction-type``), ``marker``, ``metadata``, or ``default`` (the family's; never read back as a fact)."""
+    return "user" if asked else found.prediction_source or "default"

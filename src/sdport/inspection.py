@@ -88,6 +88,9 @@ def render(report: dict[str, Any]) -> str:
     ]
     if "adapter" in report:
         rows.append(("adapter", _adapter_line(report["adapter"])))
+        if report["adapter"].get("loads_in"):
+            note = report["adapter"]["loads_in_note"]
+            rows.append(("loads in", ", ".join(report["adapter"]["loads_in"]) + (f"; {note}" if note else "")))
     if "prediction_type" in report:
         rows.insert(4, ("predicts", f"{report['prediction_type']}: {report['prediction_reason']}"))
     width = max(len(k) for k, _ in rows)

@@ -123,11 +123,13 @@ def text_config(shapes: Shapes, kind: str) -> dict:
     }
 
 
-def scheduler_config(family: Family, prediction_type: str, *, zero_snr: bool = False) -> dict:
-    """The family's scheduler; a zero-terminal-SNR model gets DDIM (PNDM cannot rescale) with rescaled betas."""
+def scheduler_config(family: Family, prediction_type: str, *, zero_snr: bool = False, origin: str = "default"
+                     ) -> dict:
+    """The family's scheduler; a zero-terminal-SNR model gets DDIM (PNDM cannot rescale) with rescaled betas.
+    ``origin`` (``detect.prediction_origin``) is kept under a private key diffusers does not read."""
     name = "DDIMScheduler" if zero_snr and family.scheduler == "PNDMScheduler" else family.scheduler
-    cfg = {"_class_name": name, "_diffusers_version": DIFFUSERS_VERSION, **BETAS, **SCHEDULERS[name],
-           "prediction_type": prediction_type}
+    cfg = {"_class_name": name, "_diffusers_version": DIFFUSERS_VERSION, "_sdport_prediction_type_source": origin,
+           **BETAS, **SCHEDULERS[name], "prediction_type": prediction_type}
     if zero_snr:
         cfg.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     return cfg
@@ -173,7 +175,7 @@ def json_bytes(obj: object) -> bytes:
 
 
 def pipeline_files(family_name: str, shapes: dict[str, Shapes], layouts: dict, *, prediction_type: str,
-                   variant: str = "", zero_snr: bool = False) -> dict[str, bytes]:
+                   variant: str = "", zero_snr: bool = False, origin: str = "default") -> dict[str, bytes]:
     """Every non-weight file of a diffusers folder for the components in ``shapes`` (component → shapes)."""
     family = FAMILIES[family_name]
     files: dict[str, bytes] = {}
@@ -191,7 +193,7 @@ def pipeline_files(family_name: str, shapes: dict[str, Shapes], layouts: dict, *
             files.update({f"{tokenizer}/{k}": v for k, v in tokenizer_for(part.kind).items()})
         files[folder.format(component) + "config.json"] = json_bytes(cfg)
     if family.whole:
-        scheduler = scheduler_config(family, prediction_type, zero_snr=zero_snr)
+        scheduler = scheduler_config(family, prediction_type, zero_snr=zero_snr, origin=origin)
         files["scheduler/scheduler_config.json"] = json_bytes(scheduler)
         files["model_index.json"] = json_bytes(model_index(family, set(shapes), variant, scheduler["_class_name"]))
     return files

@@ -17,6 +17,10 @@ from .base import TensorSource
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 
 
+#: weight-file metadata a folder's source keeps: modelspec facts and where sdport took its prediction type from
+KEPT_METADATA = ("modelspec.", "sdport.prediction_type_source")
+ORIGINS = ("default", "marker", "metadata", "user")
+
 def _strict_json(path: str) -> object:
     def pairs(items: list) -> dict:
         out: dict = {}
@@ -123,7 +127,7 @@ def open_diffusers(path: str, *, variant: str | None = None) -> TensorSource:
             for name, info in part.tensors.items():
                 source.tensors[prefix + name] = info.__class__(**{**info.__dict__, "name": prefix + name})
             source.non_tensors.update({prefix + k: v for k, v in part.non_tensors.items()})
-            source.metadata.update({k: v for k, v in part.metadata.items() if k.startswith("modelspec.")})
+            source.metadata.update({k: v for k, v in part.metadata.items() if k.startswith(KEPT_METADATA)})
             part.close()
     source.metadata.update(_scheduler_metadata(path))
     return source
@@ -138,7 +142,9 @@ def _scheduler_metadata(path: str) -> dict[str, str]:
     prediction = doc.get("prediction_type") if isinstance(doc, dict) else None
     if prediction not in ("epsilon", "v_prediction"):
         return {}
-    return {"modelspec.predict_key": "v" if prediction == "v_prediction" else "epsilon"}
+    origin = doc.get("_sdport_prediction_type_source")
+    return {"modelspec.predict_key": "v" if prediction == "v_prediction" else "epsilon",
+            **({"sdport.prediction_type_source": origin} if origin in ORIGINS else {})}
 
 
 def small_files(path: str, weights: set[str] = frozenset()) -> dict[str, bytes]:

@@ -26,9 +26,10 @@ from ..io.base import TensorSource
 from ..model import Model, open_model
 from ..sources import locate
 from .canonical import Out, computed
+from .formats import base_metadata
 from .names import is_attention
 from .resolve import Target, build_index
-from .rewrite import check_format, entries, write
+from .rewrite import check_format, entries, loads_line, write
 from .svd import pick_rank, retained, spectrum, split
 
 
@@ -38,6 +39,7 @@ class Extracted:
 
     output: str
     family: str
+    format: str = "kohya"
     energy: dict[str, float] = field(default_factory=dict)  # module → retained share of Σ S²
     ranks: dict[str, int] = field(default_factory=dict)
     unchanged: Counter = field(default_factory=Counter)  # component → modules with no difference
@@ -52,7 +54,7 @@ class Extracted:
             out.append(f"  {comp}: max |ΔW| {self.largest.get(comp, 0):.3g}, {self.unchanged[comp]} modules unchanged")
         if every:
             out += [f"  {label}: rank {self.ranks[label]}, energy {e:.4f}" for label, e in self.energy.items()]
-        return out
+        return out + [loads_line(self.format)]
 
 
 def _pairable(model: Model) -> tuple[Family, bool]:
@@ -93,7 +95,7 @@ def extract(tuned: str, base: str, dst: str, *, rank: int = 32, energy: float | 
                               "extract from its own base")
         ti = build_index(tm.source, family, t_diffusers, aliases=False)
         bi = build_index(bm.source, family, b_diffusers, aliases=False)
-        result = Extracted(dst, family.name)
+        result = Extracted(dst, family.name, to)
         outs = []
         for key, target in ti.items():
             if key.endswith("#bias") or len(target.shape) not in (2, 4) or "embeddings." in key or key not in bi:
@@ -118,7 +120,8 @@ def extract(tuned: str, base: str, dst: str, *, rank: int = 32, energy: float | 
             raise SdportError(tuned, f"does not differ from {base} by more than {min_diff} anywhere",
                               "nothing to extract")
         tensors, metadata = entries(outs, to, family.name, dtype, source)
-        info = {"ss_network_module": "networks.lora", "ss_network_dim": str(max(result.ranks.values())),
+        info = {**base_metadata(family.name), "ss_network_module": "networks.lora",
+                "ss_network_dim": str(max(result.ranks.values())),
                 "ss_network_alpha": str(max(result.ranks.values())),
                 "sdport_extracted": json.dumps({"tuned": str(tuned), "base": str(base), "rank": rank,
                                                 "energy": energy})}

@@ -326,8 +326,40 @@ def module_kind(source: TensorSource, m: Module) -> str:
     return kind + ("+dora" if "dora" in m.factors or "magnitude" in m.factors else "")
 
 
+#: the base an adapter was made for, in the words trainers write: kohya's ``ss_base_model_version`` and the
+#: modelspec ``architecture`` (``stable-diffusion-v1/lora``), by prefix
+STATED_BASES = {"ss_base_model_version": (("sdxl_base", "sdxl-base"), ("sdxl_refiner", "sdxl-refiner"),
+                                          ("sd_v2", "sd2"), ("sd_v1", "sd1")),
+                "modelspec.architecture": (("stable-diffusion-xl-v1-base", "sdxl-base"),
+                                           ("stable-diffusion-xl-v1-refiner", "sdxl-refiner"),
+                                           ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1"))}
+#: what sdport writes for each family (kohya's and modelspec's names for it)
+BASE_METADATA = {"sd1": ("sd_v1", "stable-diffusion-v1"), "sd2": ("sd_v2", "stable-diffusion-v2-512"),
+                 "sdxl-base": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base"),
+                 "sdxl-refiner": ("sdxl_refiner_v1-0", "stable-diffusion-xl-v1-refiner")}
+
+
+def stated_base(metadata: dict[str, str]) -> str:
+    """The family an adapter's metadata says it was made for; "" when it says nothing sdport knows."""
+    for key, prefixes in STATED_BASES.items():
+        value = metadata.get(key, "")
+        found = next((family for prefix, family in prefixes if value.startswith(prefix)), "")
+        if found:
+            return found
+    return ""
+
+
+def base_metadata(family: str) -> dict[str, str]:
+    """The metadata saying an adapter is for ``family`` (kohya's and modelspec's keys), for the files sdport makes."""
+    if family not in BASE_METADATA:
+        return {}
+    kohya, arch = BASE_METADATA[family]
+    return {"ss_base_model_version": kohya, "modelspec.architecture": f"{arch}/lora"}
+
+
 def base_family(source: TensorSource, adapter: Adapter) -> str:
-    """The family an adapter was trained on, from its cross-attention width and text encoders; "" if unsure."""
+    """The family an adapter was trained on, from its cross-attention width and text encoders, else from what its
+    metadata says; "" if unsure."""
     base = ""
     for m in adapter.modules:
         down = m.factors.get("down") or m.factors.get("w1b")
@@ -338,4 +370,4 @@ def base_family(source: TensorSource, adapter: Adapter) -> str:
     if any(m.component == "text_encoder_2" for m in adapter.modules) and not (base and FAMILIES[base].part(
             "text_encoder_2")):  # two text encoders: the family that has both
         base = next(f.name for f in FAMILIES.values() if f.part("text_encoder") and f.part("text_encoder_2"))
-    return base
+    return base or stated_base(source.metadata)

@@ -33,6 +33,7 @@ from ..request import LoraSpec
 from ..sources import locate
 from . import FORMATS
 from .canonical import Canonical, Out, as_lora, canonical, computed, refactorable
+from .describe import loads_in
 from .formats import ROLES
 from .names import is_attention, underscored, unet_to_sgm
 
@@ -53,14 +54,22 @@ class Written:
     tensors: int
     errors: dict[str, float] = field(default_factory=dict)  # module → relative error of an SVD re-factorisation
     notes: list[str] = field(default_factory=list)
+    kinds: tuple[str, ...] = ("lora",)  # the algorithms of its modules
 
     def lines(self) -> list[str]:
-        out = [f"wrote {self.output}: {self.format}, {self.modules} modules, {self.tensors} tensors"]
+        out = [f"wrote {self.output}: {self.format}, {self.modules} modules, {self.tensors} tensors", loads_line(
+            self.format, self.kinds)]
         if self.errors:
             errs = sorted(self.errors.values())
             out.append(f"{len(errs)} modules re-factorised to LoRA: relative error mean {np.mean(errs):.3g}, "
                        f"max {errs[-1]:.3g} ({max(self.errors, key=self.errors.get)})")
         return out + self.notes
+
+
+def loads_line(fmt: str, kinds: tuple[str, ...] = ("lora",)) -> str:
+    """Which programs load what was written, and what to do for the others."""
+    programs, note = loads_in(fmt, kinds)
+    return f"loads in: {', '.join(programs)}" + (f"; {note}" if note else "")
 
 
 def check_format(to: str) -> None:
@@ -218,7 +227,7 @@ def convert_adapter(src: str, dst: str, *, to: str, rank: int | None = None, dty
              "once)"] if folded else []
     if read.left:
         notes.append(f"left out {len(read.left)} tensors that are no module's: {next(iter(read.left.values()))}")
-    return Written(dst, to, len(read.outs), len(tensors), errors, notes)
+    return Written(dst, to, len(read.outs), len(tensors), errors, notes, tuple(sorted({o.kind for o in read.outs})))
 
 
 def _alphas_left_out(read: Canonical, to: str) -> dict[str, str]:

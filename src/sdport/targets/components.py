@@ -3,6 +3,7 @@ that travels with them — shared by the targets that translate between layouts.
 
 from __future__ import annotations
 
+from ..detect import PREDICTION_SOURCE
 from ..errors import SdportError
 from ..families import Family, Part
 from ..families.parts import Shapes, part_shapes
@@ -30,6 +31,8 @@ def required_shapes(source: TensorSource, family: Family, part: Part, diffusers_
     return found
 
 
-def modelspec(source: TensorSource) -> dict[str, str]:
-    """The ``modelspec.*`` metadata (architecture, prediction type …), carried across layouts."""
-    return {k: v for k, v in source.metadata.items() if k.startswith("modelspec.")}
+def modelspec(source: TensorSource, origin: str) -> dict[str, str]:
+    """The ``modelspec.*`` metadata (architecture, prediction type …), carried across layouts, and where the
+    prediction type came from (``origin``, ``detect.prediction_origin``): a default sdport wrote out is never read
+    back as the file's word."""
+    return {**{k: v for k, v in source.metadata.items() if k.startswith("modelspec.")}, PREDICTION_SOURCE: origin}

@@ -13,7 +13,7 @@ import json
 import os
 import re
 
-from ..detect import prediction_type
+from ..detect import prediction_origin, prediction_type
 from ..errors import SdportError
 from ..families import Family, Part
 from ..families.configs import json_bytes, model_index, pipeline_files, scheduler_config, tokenizer_for
@@ -50,6 +50,7 @@ def from_original(model: Model, request: ConvertRequest, *, components: tuple[st
     wanted = request.components if components is None else components
     plan = Plan(files=[], dropped={k: why for k, why in EXTRAS.items() if k in source.tensors})
     shapes_by_component, layouts = {}, {}
+    origin = prediction_origin(model.found, request.prediction_type)
     parts = chosen_parts(family, wanted)
     for part in parts:
         prefix, shapes = required_shapes(source, family, part, False, f"{family.name} file")
@@ -58,7 +59,7 @@ def from_original(model: Model, request: ConvertRequest, *, components: tuple[st
         outputs = [derive(link.out, None, source, tuple(prefix + i for i in link.inputs), link.op, link.args)
                    for link in links.links]
         folder = f"{part.component}/" if family.whole else ""
-        metadata = {"format": "pt", **(modelspec(source) if part.kind == "unet" else {})}
+        metadata = {"format": "pt", **(modelspec(source, origin) if part.kind == "unet" else {})}
         plan.files.append(OutputFile(f"{folder}{WEIGHTS[part.component]}.safetensors", SAFETENSORS, outputs,
                                      metadata))
         plan.dropped.update({prefix + k: v for k, v in links.dropped.items()})
@@ -69,6 +70,7 @@ def from_original(model: Model, request: ConvertRequest, *, components: tuple[st
         _drop_other_parts(model, family, parts, plan)
     plan.prediction_type = request.prediction_type or prediction_type(model.found)[0]
     plan.extra = pipeline_files(family.name, shapes_by_component, layouts, prediction_type=plan.prediction_type,
+                                origin=origin,
                                 variant=model.found.variant, zero_snr="ztsnr" in source.tensors)
     return plan
 
@@ -110,6 +112,7 @@ def rewrite(model: Model, request: ConvertRequest) -> Plan:
 def folder_plan(model: Model) -> Plan:
     """The folder's plan: every weights file again (``.bin`` as the safetensors loaders look for), configs copied."""
     source = model.source
+    origin = prediction_origin(model.found)
     files: dict[str, OutputFile] = {}
     sharded_bin = [i.file for i in source.tensors.values() if re.search(r"-\d+-of-\d+\.bin$", i.file)]
     if sharded_bin:
@@ -124,7 +127,7 @@ def folder_plan(model: Model) -> Plan:
             base = "model" + base[len("pytorch_model"):] if base.startswith("pytorch_model") else base
             out = os.path.join(folder, base + ".safetensors")
         inner = name[len(component) + 1:] if component else name
-        files.setdefault(out, OutputFile(out, SAFETENSORS, [], {"format": "pt", **modelspec(source)}))
+        files.setdefault(out, OutputFile(out, SAFETENSORS, [], {"format": "pt", **modelspec(source, origin)}))
         files[out].tensors.append(derive(inner, None, source, (name,)))
     plan = Plan(files=list(files.values()), dropped={k: f"not a tensor ({v})" for k, v in source.non_tensors.items()})
     plan.extra = small_files(source.path, {os.path.realpath(i.file) for i in source.tensors.values()})
@@ -143,7 +146,7 @@ def _fill_pipeline(model: Model, plan: Plan) -> None:
     index = json.loads(plan.extra.get("model_index.json", b"{}") or b"{}")
     if "scheduler/scheduler_config.json" not in plan.extra:
         kind = prediction_type(model.found)[0]
-        config = scheduler_config(family, kind)
+        config = scheduler_config(family, kind, origin=prediction_origin(model.found))
         plan.extra["scheduler/scheduler_config.json"] = json_bytes(config)
         index["scheduler"] = ["diffusers", config["_class_name"]]
         plan.added["scheduler/"] = f"the folder has none: {family.name}'s schedule ({config['_class_name']}, {kind})"

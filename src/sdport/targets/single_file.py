@@ -7,6 +7,7 @@ released checkpoints are) or a MindSpore checkpoint; ``mindone`` reuses these pl
 
 from __future__ import annotations
 
+from ..detect import prediction_origin
 from ..errors import SdportError
 from ..families import FAMILIES
 from ..families.parts import part_links
@@ -75,7 +76,8 @@ def from_diffusers(model: Model, request: ConvertRequest) -> Plan:
             plan.dropped[k] = f"{component}: not part of an original single file"
         elif family.whole and family.part(component) and component not in chosen:
             plan.dropped[k] = f"{component} left out (--components)"
-    metadata = {"format": "pt", **modelspec(source)} if file_format(request) == "safetensors" else {}
+    metadata = {"format": "pt", **modelspec(source, prediction_origin(model.found))} \
+        if file_format(request) == "safetensors" else {}
     plan.files.append(OutputFile(".", writer(request, "state_dict" if family.whole else ""), tensors,
                                  metadata))
     return plan
