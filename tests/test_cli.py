@@ -94,9 +94,30 @@ def test_safetensors_to_ckpt_keeps_metadata_out_and_wraps_full_models(demo_ckpt,
 
 def test_non_tensor_entries_are_reported_when_dropped(tmp_path) -> None:
     src, out = tmp_path / "g.ckpt", tmp_path / "g.safetensors"
-    torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 5}, src)
-    r = run_cli("convert", src, out, "--report", "-q")
-    assert r.code == 0 and r.out.strip() == "dropped global_step: not a tensor (5)"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 5, "epoch": 5, "note": "x"}, src)
+    r = run_cli("convert", src, out, "--report", "-q")  # grouped by reason, the largest group first
+    assert r.code == 0 and r.out.strip() == ("left out 2: not a tensor (5)\n  global_step\n  epoch\n"
+                                             "left out 1: not a tensor ('x')\n  note")
+
+
+def test_alphas_read_into_a_merge_are_not_counted_as_left_out(demo_ckpt, tmp_path) -> None:
+    import numpy as np
+    import safetensors.numpy
+
+    loras = []
+    for i, module in enumerate(("attn1_to_q", "attn2_to_q")):
+        name = f"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_{module}"
+        path = tmp_path / f"l{i}.safetensors"
+        safetensors.numpy.save_file({f"{name}.lora_down.weight": np.ones((2, 32), np.float32),
+                                     f"{name}.lora_up.weight": np.ones((32, 2), np.float32),
+                                     f"{name}.alpha": np.array(1.0, np.float32)}, str(path))
+        loras += ["--lora", str(path)]
+    r = run_cli("convert", demo_ckpt, tmp_path / "m.safetensors", *loras, "--report")
+    assert r.code == 0, r.err
+    summary = next(line for line in r.err.splitlines() if line.startswith("wrote"))
+    # the demo checkpoint leaves nothing out, and the two alphas read into the merge are not "left out"
+    assert "left out" not in summary and "left out" not in r.out, (summary, r.out)
+    assert "read 2: alpha or flag, read into the merge" in r.out
 
 
 def test_python_api_mirrors_the_cli(demo_ckpt, tmp_path) -> None:

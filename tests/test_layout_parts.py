@@ -367,3 +367,18 @@ def test_ctrl_c_while_swapping_folders_puts_the_old_one_back(sd1_single, tmp_pat
         sdport.convert(sd1_single, out, force=True, dtype="fp16")
     monkeypatch.undo()
     assert _tree(out) == before and leftovers(tmp_path) == []
+
+
+def test_a_partial_folder_goes_into_a_base_without_components_spelled_out(demo_ckpt, tmp_path) -> None:
+    import shutil
+
+    folder = tmp_path / "folder"
+    assert run_cli("convert", demo_ckpt, folder).code == 0
+    for part in ("text_encoder", "vae", "tokenizer"):
+        shutil.rmtree(folder / part)
+    r = run_cli("convert", folder, tmp_path / "no-base.safetensors")
+    assert r.code == 2 and "--components without" in r.err  # alone, a partial folder names the flag
+    r = run_cli("convert", folder, tmp_path / "a.safetensors", "--base", demo_ckpt)
+    assert r.code == 0, r.err
+    assert run_cli("convert", folder / "unet", tmp_path / "b.safetensors", "--base", demo_ckpt).code == 0
+    assert sha256(tmp_path / "a.safetensors") == sha256(tmp_path / "b.safetensors")

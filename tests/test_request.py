@@ -110,6 +110,8 @@ def test_a_lora_given_as_a_model_points_at_sdport_lora(tmp_path) -> None:
         "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": np.zeros((8, 2), np.float32)}, str(src))
     r = run_cli("convert", src, tmp_path / "out")
     assert r.code == 2 and "is a LoRA adapter, not a model" in r.err and "sdport lora convert" in r.err
+    r = run_cli("convert", src, tmp_path / "same.safetensors")  # repackaging a file keeps it, and says where to go
+    assert r.code == 0 and "repackaged as it is" in r.err and "sdport lora convert" in r.err
 
 
 def test_a_missing_extra_names_the_pip_line(monkeypatch) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .execute import execute
-from .lora.merge import AdapterReport
+from .lora.merge import READ_INTO_MERGE, AdapterReport
 from .model import open_model
 from .plan import Plan, validate
 from .request import ConvertRequest, InversionSpec, LoraSpec
@@ -33,6 +33,7 @@ class ConvertResult:
         output: the path written.
         tensors / bytes: how many tensors, and their bytes.
         dropped: input entries left out, each with its reason.
+        read: adapter alphas and flags, read into the merge rather than written (name → why).
         unknown: input tensors no rule knew, let through by ``allow_unknown``.
         family: the model's family (the base's, with ``base``).
         prediction_type: what the output's scheduler says the UNet predicts ("" when it has none).
@@ -49,6 +50,7 @@ class ConvertResult:
     prediction_type: str = ""
     adapters: list[AdapterReport] = field(default_factory=list)
     added: dict[str, str] = field(default_factory=dict)
+    read: dict[str, str] = field(default_factory=dict)
 
 
 def convert(src: PathLike, dst: PathLike, *, to: str | None = None, dtype: str = "keep", format: str | None = None,
@@ -114,8 +116,10 @@ def run(request: ConvertRequest, *, progress: bool = False) -> ConvertResult:
     with planned(request, progress=progress) as (plan, job):
         execute(plan, job.source, request.output, force=request.force, progress=progress)
         family = job.base.found.family if job.base else job.model.found.family
-        return ConvertResult(request.output, sum(len(f.tensors) for f in plan.files), plan.nbytes, plan.dropped,
-                             plan.unknown, family, plan.prediction_type, job.adapters, plan.added)
+        read = {k: why for k, why in plan.dropped.items() if why == READ_INTO_MERGE}
+        dropped = {k: why for k, why in plan.dropped.items() if k not in read}
+        return ConvertResult(request.output, sum(len(f.tensors) for f in plan.files), plan.nbytes, dropped,
+                             plan.unknown, family, plan.prediction_type, job.adapters, plan.added, read)
 
 
 @contextmanager

@@ -78,18 +78,36 @@ def convert_cmd(src: str, dst: str, to: str | None, dtype: str, fmt: str | None,
                    + (f", {len(result.dropped)} entries left out" if result.dropped else ""), err=True)
         for path, why in result.added.items():
             click.echo(f"added {path}: {why}", err=True)
+        if result.family == "lora":
+            click.echo("note: a LoRA adapter, repackaged as it is; `sdport lora convert` rewrites adapters between "
+                       "formats, `--lora` merges one into a model", err=True)
     if report:
         for adapter in result.adapters:
             click.echo(f"lora {adapter.line()}")
             for label in adapter.unmatched:
                 click.echo(f"  unmatched {label}")
-        for name, why in result.dropped.items():
-            click.echo(f"dropped {name}: {why}")
+        for line in _left_out(result):
+            click.echo(line)
         for name in result.unknown:
             click.echo(f"unknown {name}: copied unchanged (--allow-unknown)")
         for path, why in result.added.items():
             click.echo(f"added {path}: {why}")
     return _verify(request) if check else 0
+
+
+def _left_out(result) -> list[str]:
+    """The entries left out grouped by reason, most first, each group with its count and names; the adapter alphas
+    read into the merge as one count."""
+    groups: dict[str, list[str]] = {}
+    for name, why in result.dropped.items():
+        groups.setdefault(why, []).append(name)
+    lines = []
+    for why, names in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"left out {len(names)}: {why}")
+        lines += [f"  {name}" for name in names]
+    if result.read:
+        lines.append(f"read {len(result.read)}: {next(iter(result.read.values()))}")
+    return lines
 
 
 def _verify(request) -> int:

@@ -22,6 +22,8 @@ from ..plan import Plan
 from .formats import Adapter, Module, base_family, module_kind, parse, read_alphas, scale
 from .resolve import Target, build_index
 
+#: the reason of an adapter's alpha (or (IA)³ flag) tensors: not left out, read into the scale of the merge
+READ_INTO_MERGE = "alpha or flag, read into the merge"
 
 @dataclass
 class AdapterReport:
@@ -59,7 +61,7 @@ def merge_adapters(plan: Plan, source: TensorSource, family: Family, diffusers_l
             raise SdportError(model.path, f"is a LoRA for {trained_on}, the base is {family.name}",
                               "use a base of the family the LoRA was trained on")
         names = source.join(f"lora{i}:", tensors)
-        plan.dropped.update({names[k]: "alpha or flag, read into the merge" for k in adapter.alpha_keys})
+        plan.dropped.update({names[k]: READ_INTO_MERGE for k in adapter.alpha_keys})
         plan.dropped.update({names[k]: why for k, why in adapter.left.items()})
         report = AdapterReport(model.path, adapter.format, ratio)
         for module in adapter.modules:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..detect import prediction_origin
 from ..errors import SdportError
 from ..families import FAMILIES
-from ..families.parts import part_links
+from ..families.parts import part_links, part_shapes
 from ..io.base import TensorSource
 from ..model import Model
 from ..plan import SAFETENSORS, OutputFile, OutputTensor, Plan, WriterSpec, derive
@@ -63,6 +63,8 @@ def from_diffusers(model: Model, request: ConvertRequest) -> Plan:
     tensors: list[OutputTensor] = []
     plan = Plan(files=[])
     parts = chosen_parts(family, request.components)
+    if request.base is not None and request.components is None:  # the base gives the parts the folder lacks
+        parts = [p for p in parts if part_shapes(source, family, p, True) is not None] or parts
     for part in parts:
         prefix, shapes = required_shapes(source, family, part, True, "folder")
         links, _ = part_links(part, shapes, False)
