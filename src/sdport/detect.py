@@ -18,6 +18,7 @@ from functools import lru_cache
 from .errors import FormatError
 from .families import FAMILIES, SIGNATURES, Fact, Signature
 from .io.base import TensorInfo
+from .io.diffusers import PREDICTION_SOURCE
 from .lora.formats import ADAPTERS
 
 #: the signatures a model is told apart by
@@ -29,10 +30,9 @@ VARIANTS: tuple[Signature, ...] = (
 )
 
 
-#: the metadata key (``_sdport_prediction_type_source`` in a scheduler config) saying where sdport took the
-#: prediction type it wrote from
-PREDICTION_SOURCE = "sdport.prediction_type_source"
-ORIGINS = {"marker": "a v_pred marker", "metadata": "the source's metadata", "user": "--prediction-type"}
+#: how a report words each recorded origin of a prediction type (``io.diffusers.ORIGINS``; ``default`` is no fact)
+ORIGIN_WORDS = {"marker": "a v_pred marker", "metadata": "the source's metadata", "user": "--prediction-type"}
+
 
 @dataclass
 class Detection:
@@ -160,7 +160,8 @@ def _prediction(found: Detection, tensors: dict[str, TensorInfo], metadata: dict
         found.prediction, found.prediction_source = ("v_prediction", "v_pred marker present"), "marker"
     elif said[:1] in ("v", "e") and origin != "default":
         value = "v_prediction" if said.startswith("v") else "epsilon"
-        how = f"modelspec metadata says {said}" + (f", recorded from {ORIGINS[origin]}" if origin in ORIGINS else "")
+        how = f"modelspec metadata says {said}" + (f", recorded from {ORIGIN_WORDS[origin]}"
+                                                   if origin in ORIGIN_WORDS else "")
         found.prediction, found.prediction_source = (value, how), "user" if origin == "user" else "metadata"
     if found.prediction[0] == "v_prediction":
         found.variant = (found.variant + "+v-prediction").lstrip("+")

@@ -12,6 +12,7 @@ import json
 import re
 from importlib import resources
 
+from ..io.diffusers import SCHEDULER_SOURCE
 from . import FAMILIES
 from .base import Family
 from .parts.unet import CONV_HEADS, UNetLayout
@@ -128,7 +129,7 @@ def scheduler_config(family: Family, prediction_type: str, *, zero_snr: bool = F
     """The family's scheduler; a zero-terminal-SNR model gets DDIM (PNDM cannot rescale) with rescaled betas.
     ``origin`` (``detect.prediction_origin``) is kept under a private key diffusers does not read."""
     name = "DDIMScheduler" if zero_snr and family.scheduler == "PNDMScheduler" else family.scheduler
-    cfg = {"_class_name": name, "_diffusers_version": DIFFUSERS_VERSION, "_sdport_prediction_type_source": origin,
+    cfg = {"_class_name": name, "_diffusers_version": DIFFUSERS_VERSION, SCHEDULER_SOURCE: origin,
            **BETAS, **SCHEDULERS[name], "prediction_type": prediction_type}
     if zero_snr:
         cfg.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")

@@ -17,9 +17,14 @@ from .base import TensorSource
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 
 
-#: weight-file metadata a folder's source keeps: modelspec facts and where sdport took its prediction type from
-KEPT_METADATA = ("modelspec.", "sdport.prediction_type_source")
+#: where sdport took the prediction type it wrote from (``ORIGINS``): a weight file's metadata key, and the private
+#: scheduler-config key diffusers does not read
+PREDICTION_SOURCE = "sdport.prediction_type_source"
+SCHEDULER_SOURCE = "_sdport_prediction_type_source"
 ORIGINS = ("default", "marker", "metadata", "user")
+#: weight-file metadata a folder's source keeps: modelspec facts and where the prediction type came from
+KEPT_METADATA = ("modelspec.", PREDICTION_SOURCE)
+
 
 def _strict_json(path: str) -> object:
     def pairs(items: list) -> dict:
@@ -142,9 +147,9 @@ def _scheduler_metadata(path: str) -> dict[str, str]:
     prediction = doc.get("prediction_type") if isinstance(doc, dict) else None
     if prediction not in ("epsilon", "v_prediction"):
         return {}
-    origin = doc.get("_sdport_prediction_type_source")
+    origin = doc.get(SCHEDULER_SOURCE)
     return {"modelspec.predict_key": "v" if prediction == "v_prediction" else "epsilon",
-            **({"sdport.prediction_type_source": origin} if origin in ORIGINS else {})}
+            **({PREDICTION_SOURCE: origin} if origin in ORIGINS else {})}
 
 
 def small_files(path: str, weights: set[str] = frozenset()) -> dict[str, bytes]:

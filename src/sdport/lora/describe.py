@@ -59,10 +59,11 @@ def describe(source: TensorSource, fmt: str) -> dict[str, Any]:
         if m.kind in ("lora", "loha", "lokr"):  # (IA)³, diff and norm modules have neither rank nor alpha
             entry["ranks"].add(rank if rank else "full")
             entry["alphas"].add(m.alpha if m.alpha else float(rank or 0))
+    programs, note = loads_in(adapter.format, kinds)
     report.update(mergeable=True, format=adapter.format, modules=len(adapter.modules),
                   algorithms=sorted(kinds), kinds=dict(sorted(kinds.items())),
                   base_family=base_family(source, adapter) or "unknown",
-                  loads_in=loads_in(adapter.format, kinds)[0], loads_in_note=loads_in(adapter.format, kinds)[1],
+                  loads_in=programs, loads_in_note=note,
                   components={c: {"modules": e["modules"], "ranks": sorted(e["ranks"], key=str),
                                   "alphas": sorted(e["alphas"])} for c, e in sorted(components.items())})
     return report

@@ -3,11 +3,11 @@ that travels with them — shared by the targets that translate between layouts.
 
 from __future__ import annotations
 
-from ..detect import PREDICTION_SOURCE
 from ..errors import SdportError
 from ..families import Family, Part
 from ..families.parts import Shapes, part_shapes
 from ..io.base import TensorSource
+from ..io.diffusers import PREDICTION_SOURCE
 
 
 def chosen_parts(family: Family, components: tuple[str, ...] | None) -> list[Part]:
