@@ -52,6 +52,18 @@ def inject(model: torch.nn.Module, targets: list[str], rank: int, seed: int) -> 
     return out
 
 
+def as_diffusers_0_12(unet: torch.nn.Module) -> torch.nn.Module:
+    """The UNet with each transformer block's children in the order diffusers 0.9–0.12 registered them (``attn1``,
+    ``ff``, ``attn2``, then the norms), which is the order cloneofsimo's walk met them in then."""
+    for module in unet.modules():
+        if module.__class__.__name__ == "BasicTransformerBlock":
+            children = dict(module._modules)
+            first = ["attn1", "ff", "attn2"]
+            module._modules.clear()
+            module._modules.update({k: children[k] for k in first + [k for k in children if k not in first]})
+    return unet
+
+
 def collapse(found: list, ratio: float) -> None:
     """cloneofsimo's ``collapse_lora`` (factors cast to the weight's dtype when loaded, as its monkeypatch does)."""
     with torch.no_grad():
@@ -95,7 +107,7 @@ def setup(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("cloneofsimo")
     ref = models.save_pipeline("sd1", str(root / "ref"))
     load = diffusers.StableDiffusionPipeline.from_pretrained
-    plain, extended = load(ref), load(ref)
+    plain, extended, old = load(ref), load(ref), load(ref)
     unet, text = inject(plain.unet, UNET, 4, 0), inject(plain.text_encoder, TEXT, 2, 1)
     width = plain.text_encoder.get_input_embeddings().weight.shape[1]
     embed = torch.randn(width, generator=torch.Generator().manual_seed(5))
@@ -104,33 +116,37 @@ def setup(tmp_path_factory) -> dict:
     ext_unet, ext_text = inject(extended.unet, EXTENDED, 3, 2), inject(extended.text_encoder, TEXT, 2, 3)
     files["pt"] = pt_list(ext_unet, str(root / "style.pt"))
     files["pt_text"] = pt_list(ext_text, str(root / "style.text_encoder.pt"))
+    old_unet = inject(as_diffusers_0_12(old.unet), UNET, 4, 4)
+    files["old"] = safeloras({"unet": (UNET, old_unet)}, str(root / "old.safetensors"))
     order = {"unet": [n for n, *_ in unet], "text_encoder": [n for n, *_ in text],
-             "extended": [n for n, *_ in ext_unet]}
+             "extended": [n for n, *_ in ext_unet], "old": [n for n, *_ in old_unet]}
     collapse(unet + text, RATIO)
     collapse(ext_unet + ext_text, RATIO)
+    collapse(old_unet, RATIO)
     return {"root": root, "ref": ref, "files": files, "order": order, "plain": plain, "extended": extended,
-            "embed": embed.numpy()}
+            "old": old, "embed": embed.numpy()}
 
 
 def test_modules_are_numbered_in_cloneofsimos_order(setup) -> None:
-    for key, components in (("safe", ("unet", "text_encoder")), ("pt", ("extended",))):
+    assert setup["order"]["old"] != setup["order"]["unet"]  # ff before attn2: another numbering
+    for key, components in (("safe", ("unet", "text_encoder")), ("pt", ("extended",)), ("old", ("old",))):
         with open_file(setup["files"][key]) as source:
             adapter = parse(source, read_alphas(source), "cloneofsimo")
         for component in components:
             want = [n.removeprefix("text_model.") for n in setup["order"][component]]
             got = [m.name.removeprefix("text_model.") for m in adapter.modules
-                   if m.component == component.replace("extended", "unet")]
+                   if m.component == ("unet" if component in ("extended", "old") else component)]
             assert got == want, component
     assert any(n.endswith("conv_shortcut") for n in setup["order"]["extended"])  # the optional 1×1s were placed
 
 
-@pytest.mark.parametrize("kind", ["safe", "pt"])
+@pytest.mark.parametrize("kind", ["safe", "pt", "old"])
 def test_merge_equals_collapse_lora(setup, tmp_path, kind) -> None:
     out = str(tmp_path / "merged")
     loras = [f"{setup['files'][kind]}:{RATIO}"] + ([f"{setup['files']['pt_text']}:{RATIO}"] if kind == "pt" else [])
     r = run_cli("convert", setup["ref"], out, *[a for spec in loras for a in ("--lora", spec)], "--report")
     assert r.code == 0, r.err
-    pipe = setup["plain" if kind == "safe" else "extended"]
+    pipe = setup[{"safe": "plain", "pt": "extended", "old": "old"}[kind]]
     for component in ("unet", "text_encoder"):
         got, want = weights(out, component), expected(pipe, component)
         assert set(got) == set(want)
@@ -176,7 +192,11 @@ def test_damaged_files_are_refused(setup, tmp_path) -> None:
     src = safetensors.torch.load_file(setup["files"]["safe"])
     cases = {"gap": {k: v for k, v in src.items() if not k.startswith("unet:3:")},
              "half": {k: v for k, v in src.items() if k != "unet:5:down"},
-             "short": {k: v for k, v in src.items() if not k.startswith("unet:143:")}}
+             "short": {k: v for k, v in src.items() if not k.startswith("unet:143:")},
+             "zero-padded": {("unet:01:up" if k == "unet:1:up" else k): v for k, v in src.items()},
+             "0-d": {**src, "unet:7:down": torch.tensor(1.0, dtype=torch.float16)},
+             "3-d": {**src, "unet:7:down": src["unet:7:down"][None]},
+             "transposed": {**src, "unet:7:up": src["unet:7:down"], "unet:7:down": src["unet:7:up"]}}
     meta = {"unet": json.dumps(UNET), "text_encoder": json.dumps(TEXT), "<s1>": "<embed>"}
     for name, tensors in cases.items():
         path = str(tmp_path / f"{name}.safetensors")
@@ -185,7 +205,13 @@ def test_damaged_files_are_refused(setup, tmp_path) -> None:
         r = run_cli("convert", setup["ref"], out, "--lora", path)
         assert r.code == 2 and path in r.err and len(r.err.strip().splitlines()) == 1, (name, r.err)
         assert not os.path.exists(out) and leftovers(tmp_path) == []
-    path = str(tmp_path / "targets.safetensors")
-    safetensors.torch.save_file(src, path, metadata={**meta, "unet": '["Transformer2DModel"]'})
-    r = run_cli("inspect", path)
-    assert r.code == 0 and "Transformer2DModel" in r.out
+    for name, targets, words in (("targets", '["Transformer2DModel"]', "Transformer2DModel"),
+                                 ("nested", "[" * 100_000, "does not list the target classes")):
+        path = str(tmp_path / f"{name}.safetensors")
+        safetensors.torch.save_file(src, path, metadata={**meta, "unet": targets})
+        r = run_cli("inspect", path)
+        assert r.code == 0 and words in r.out, r.out + r.err
+    pt = str(tmp_path / "odd.pt")
+    torch.save([torch.zeros(4, 2, 2), torch.zeros(2, 4, 4)], pt)
+    r = run_cli("convert", setup["ref"], str(tmp_path / "o"), "--lora", pt)
+    assert r.code == 2 and "not a LoRA's up and down" in r.err and len(r.err.strip().splitlines()) == 1, r.err
