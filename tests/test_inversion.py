@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import save_file
 
 import sdport
@@ -95,3 +96,17 @@ def test_cli_flags_give_the_api_result(xl, tmp_path) -> None:
     assert InversionSpec.parse("civitai://7?type=Model") == InversionSpec("civitai://7?type=Model")
     r = run_cli("convert", xl["root"] / "xl.safetensors", tmp_path / "v", "--vae", xl["root"] / "vae", "--verify")
     assert r.code == 2 and "--verify" in r.err and not (tmp_path / "v").exists()
+
+
+def test_a_damaged_tokenizer_is_refused_in_one_line(demo_ckpt, tmp_path) -> None:
+    folder = tmp_path / "folder"
+    assert run_cli("convert", demo_ckpt, folder).code == 0
+    emb = tmp_path / "learned_embeds.safetensors"
+    save_file({"<cat>": torch.ones(32)}, str(emb))
+    fast = folder / "tokenizer" / "tokenizer.json"
+    fast.write_text(json.dumps({"added_tokens": [{"content": ["x"], "id": 1}]}))
+    for damaged in ({"added_tokens": 5}, [1, 2], "[" * 100_000):
+        fast.write_text(damaged if isinstance(damaged, str) else json.dumps(damaged))
+        r = run_cli("convert", folder, tmp_path / "out", "--inversion", str(emb))
+        assert r.code == 2 and "tokenizer.json" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+        assert not (tmp_path / "out").exists()

@@ -382,3 +382,7 @@ def test_a_partial_folder_goes_into_a_base_without_components_spelled_out(demo_c
     assert r.code == 0, r.err
     assert run_cli("convert", folder / "unet", tmp_path / "b.safetensors", "--base", demo_ckpt).code == 0
     assert sha256(tmp_path / "a.safetensors") == sha256(tmp_path / "b.safetensors")
+    assert run_cli("convert", demo_ckpt, tmp_path / "whole.safetensors").code == 0
+    with safetensors.safe_open(str(tmp_path / "a.safetensors"), "np") as a, \
+            safetensors.safe_open(str(tmp_path / "whole.safetensors"), "np") as whole:
+        assert set(a.keys()) == set(whole.keys())  # the base gave the text encoder and VAE the folder lacked

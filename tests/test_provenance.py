@@ -37,7 +37,8 @@ def test_a_family_default_stays_a_default_after_a_round_trip(demo_ckpt, tmp_path
     loaded = diffusers.PNDMScheduler.from_pretrained(str(folder), subfolder="scheduler")
     assert loaded.config.prediction_type == "epsilon"
     assert run_cli("convert", folder, back).code == 0
-    assert _metadata(back)["sdport.prediction_type_source"] == "default"
+    meta = _metadata(back)  # a guess is not written as modelspec's fact, which other programs would believe
+    assert meta["sdport.prediction_type_source"] == "default" and "modelspec.predict_key" not in meta
     for path in (folder, back):
         report = sdport.inspect(str(path))
         assert report["prediction_type"] == "epsilon", path
@@ -64,6 +65,33 @@ def test_what_the_file_said_stays_the_files_word(demo_state_dict, tmp_path) -> N
     assert run_cli("convert", folder, back).code == 0
     report = sdport.inspect(str(back))
     assert report["prediction_type"] == "v_prediction" and "the file says so" in report["prediction_reason"]
+
+
+def test_a_scheduler_edited_since_is_believed_over_the_tag(demo_ckpt, tmp_path) -> None:
+    folder = tmp_path / "folder"
+    assert run_cli("convert", demo_ckpt, folder).code == 0
+    path = folder / "scheduler" / "scheduler_config.json"
+    config = _scheduler(folder)
+    for edited in ({**config, "prediction_type": "v_prediction"},  # the value changed by hand, the tag left
+                   {k: v for k, v in {**config, "prediction_type": "v_prediction"}.items()
+                    if k != "_sdport_prediction_type_source"}):  # a scheduler saved by diffusers since
+        path.write_text(json.dumps(edited))
+        report = sdport.inspect(str(folder))
+        assert report["prediction_type"] == "v_prediction" and "the file says so" in report["prediction_reason"]
+        back = tmp_path / "back.safetensors"
+        assert run_cli("convert", folder, back, "--force").code == 0
+        meta = _metadata(back)  # value and tag from the same place: no file that contradicts itself
+        assert meta["modelspec.predict_key"] == "v" and meta["sdport.prediction_type_source"] == "metadata"
+
+
+def test_prediction_type_given_for_a_folder_goes_into_its_scheduler(demo_ckpt, tmp_path) -> None:
+    folder, out = tmp_path / "folder", tmp_path / "out"
+    assert run_cli("convert", demo_ckpt, folder).code == 0
+    r = run_cli("convert", folder, out, "--dtype", "fp16", "--prediction-type", "v_prediction")
+    assert r.code == 0, r.err
+    config = _scheduler(out)
+    assert config["prediction_type"] == "v_prediction" and config["_sdport_prediction_type_source"] == "user"
+    assert "user said so" in sdport.inspect(str(out))["prediction_reason"]
 
 
 def test_an_extracted_adapter_names_its_base_family(demo_ckpt, demo_state_dict, tmp_path) -> None:

@@ -2,7 +2,8 @@
 
 Same blocks, layer counts and names as the released SD1.5 file (UNet, VAE, CLIP-L text encoder,
 scheduler buffers), tiny channel widths, random weights from a fixed seed. Used by ``sdport demo``
-and by the tests; no download.
+and by the tests; no download. The UNet, VAE and CLIP shape builders here serve every family's demo model
+(``demo_models`` builds the SDXL, ControlNet and adapters from them); ``run_demo`` is the verb.
 """
 
 from __future__ import annotations
@@ -38,43 +39,44 @@ def _resblock(out: Shapes, p: str, cin: int, cout: int, temb: int) -> None:
         _conv(out, f"{p}.skip_connection", cout, cin, 1)
 
 
-def _transformer(out: Shapes, p: str, c: int, ctx: int) -> None:
+def _transformer(out: Shapes, p: str, c: int, ctx: int, depth: int = 1, linear: bool = False) -> None:
     _norm(out, f"{p}.norm", c)
-    _conv(out, f"{p}.proj_in", c, c, 1)
-    b = f"{p}.transformer_blocks.0"
-    for attn, kv in (("attn1", c), ("attn2", ctx)):
-        _lin(out, f"{b}.{attn}.to_q", c, c, bias=False)
-        _lin(out, f"{b}.{attn}.to_k", c, kv, bias=False)
-        _lin(out, f"{b}.{attn}.to_v", c, kv, bias=False)
-        _lin(out, f"{b}.{attn}.to_out.0", c, c)
-    _lin(out, f"{b}.ff.net.0.proj", c * 8, c)
-    _lin(out, f"{b}.ff.net.2", c, c * 4)
-    for n in (1, 2, 3):
-        _norm(out, f"{b}.norm{n}", c)
-    _conv(out, f"{p}.proj_out", c, c, 1)
+    (_lin if linear else _conv)(out, f"{p}.proj_in", c, c, *(() if linear else (1,)))
+    for d in range(depth):
+        b = f"{p}.transformer_blocks.{d}"
+        for attn, kv in (("attn1", c), ("attn2", ctx)):
+            _lin(out, f"{b}.{attn}.to_q", c, c, bias=False)
+            _lin(out, f"{b}.{attn}.to_k", c, kv, bias=False)
+            _lin(out, f"{b}.{attn}.to_v", c, kv, bias=False)
+            _lin(out, f"{b}.{attn}.to_out.0", c, c)
+        _lin(out, f"{b}.ff.net.0.proj", c * 8, c)
+        _lin(out, f"{b}.ff.net.2", c, c * 4)
+        for n in (1, 2, 3):
+            _norm(out, f"{b}.norm{n}", c)
+    (_lin if linear else _conv)(out, f"{p}.proj_out", c, c, *(() if linear else (1,)))
 
 
 def sd1_unet(out: Shapes, p: str, ch: int, ctx: int, mult: tuple[int, ...] = (1, 2, 4, 4)) -> None:
     """The SD1.x UNet: 12 input blocks, middle block, 12 output blocks, attention on the first 3 levels."""
+    depth = tuple(1 if level < len(mult) - 1 else 0 for level in range(len(mult)))
+    sgm_unet(out, p, ch, ctx, mult, depth)
+
+
+def sgm_unet(out: Shapes, p: str, ch: int, ctx: int, mult: tuple[int, ...], depth: tuple[int, ...], *,
+             linear: bool = False, adm: int = 0) -> None:
+    """An LDM/SGM UNet: two ResBlocks per level (``depth[level]`` transformer blocks after each, none at 0),
+    a middle block (the deepest level's depth, at least 1), three ResBlocks per level going up; ``linear``
+    projections in and out of the transformers (SD2, SDXL); ``adm`` wide ``label_emb`` (SDXL)."""
     temb = ch * 4
     _lin(out, f"{p}time_embed.0", temb, ch)
     _lin(out, f"{p}time_embed.2", temb, temb)
-    _conv(out, f"{p}input_blocks.0.0", ch, 4)
-    skips, cur, i = [ch], ch, 1
-    for level, m in enumerate(mult):
-        for _ in range(2):
-            _resblock(out, f"{p}input_blocks.{i}.0", cur, ch * m, temb)
-            cur = ch * m
-            if level < len(mult) - 1:
-                _transformer(out, f"{p}input_blocks.{i}.1", cur, ctx)
-            skips.append(cur)
-            i += 1
-        if level < len(mult) - 1:
-            _conv(out, f"{p}input_blocks.{i}.0.op", cur, cur)
-            skips.append(cur)
-            i += 1
+    if adm:
+        _lin(out, f"{p}label_emb.0.0", temb, adm)
+        _lin(out, f"{p}label_emb.0.2", temb, temb)
+    skips = unet_down(out, p, ch, ctx, mult, depth, linear=linear)
+    cur = ch * mult[-1]
     _resblock(out, f"{p}middle_block.0", cur, cur, temb)
-    _transformer(out, f"{p}middle_block.1", cur, ctx)
+    _transformer(out, f"{p}middle_block.1", cur, ctx, max(depth[-1], 1), linear)
     _resblock(out, f"{p}middle_block.2", cur, cur, temb)
     i = 0
     for level, m in reversed(list(enumerate(mult))):
@@ -82,14 +84,35 @@ def sd1_unet(out: Shapes, p: str, ch: int, ctx: int, mult: tuple[int, ...] = (1,
             _resblock(out, f"{p}output_blocks.{i}.0", cur + skips.pop(), ch * m, temb)
             cur = ch * m
             sub = 1
-            if level < len(mult) - 1:
-                _transformer(out, f"{p}output_blocks.{i}.1", cur, ctx)
+            if depth[level]:
+                _transformer(out, f"{p}output_blocks.{i}.1", cur, ctx, depth[level], linear)
                 sub = 2
             if level > 0 and r == 2:
                 _conv(out, f"{p}output_blocks.{i}.{sub}.conv", cur, cur)
             i += 1
     _norm(out, f"{p}out.0", ch)
     _conv(out, f"{p}out.2", 4, ch)
+
+
+def unet_down(out: Shapes, p: str, ch: int, ctx: int, mult: tuple[int, ...], depth: tuple[int, ...], *,
+              linear: bool = False) -> list[int]:
+    """The UNet's input blocks (a ControlNet's too); the channels of each block's output, for the skips."""
+    temb = ch * 4
+    _conv(out, f"{p}input_blocks.0.0", ch, 4)
+    skips, cur, i = [ch], ch, 1
+    for level, m in enumerate(mult):
+        for _ in range(2):
+            _resblock(out, f"{p}input_blocks.{i}.0", cur, ch * m, temb)
+            cur = ch * m
+            if depth[level]:
+                _transformer(out, f"{p}input_blocks.{i}.1", cur, ctx, depth[level], linear)
+            skips.append(cur)
+            i += 1
+        if level < len(mult) - 1:
+            _conv(out, f"{p}input_blocks.{i}.0.op", cur, cur)
+            skips.append(cur)
+            i += 1
+    return skips
 
 
 def _vae_block(out: Shapes, p: str, cin: int, cout: int) -> None:
@@ -202,6 +225,7 @@ def run_demo(folder: str, echo) -> None:
     import os
 
     from .api import convert
+    from .demo_models import write_extras
     from .inspection import inspect, render
 
     os.makedirs(folder, exist_ok=True)
@@ -226,3 +250,5 @@ def run_demo(folder: str, echo) -> None:
         for name in sorted(files):
             path = os.path.join(root, name)
             echo(f"  {os.path.relpath(path, folder_out):50s} {os.path.getsize(path):>12,} bytes")
+    echo("\nthe files the README's examples read:")
+    write_extras(folder, echo)

@@ -158,14 +158,24 @@ def _prediction(found: Detection, tensors: dict[str, TensorInfo], metadata: dict
     origin = metadata.get(PREDICTION_SOURCE, "")
     if "v_pred" in tensors:
         found.prediction, found.prediction_source = ("v_prediction", "v_pred marker present"), "marker"
-    elif said[:1] in ("v", "e") and origin != "default":
-        value = "v_prediction" if said.startswith("v") else "epsilon"
+    elif said.startswith(("v", "eps")) and not (origin == "default" and _family_default(found) == _value(said)):
+        value = _value(said)
+        origin = "" if origin == "default" else origin  # a default edited since sdport wrote it: the file's word now
         how = f"modelspec metadata says {said}" + (f", recorded from {ORIGIN_WORDS[origin]}"
                                                    if origin in ORIGIN_WORDS else "")
         found.prediction, found.prediction_source = (value, how), "user" if origin == "user" else "metadata"
     if found.prediction[0] == "v_prediction":
         found.variant = (found.variant + "+v-prediction").lstrip("+")
         found.evidence.append(found.prediction[1])
+
+
+def _value(said: str) -> str:
+    return "v_prediction" if said.startswith("v") else "epsilon"
+
+
+def _family_default(found: Detection) -> str:
+    family = FAMILIES.get(found.family)
+    return family.default_prediction()[0] if family else "epsilon"
 
 
 def prediction_type(found: Detection) -> tuple[str, str]:

@@ -143,20 +143,51 @@ def _extend(plan: Plan, run: Run, encoder: str, tokens: list[str], rows: np.ndar
                                  tokenizer, tokens, vocab))
 
 
-def _token_ids(files: dict[str, bytes], folder: str) -> dict[str, int]:
-    """token → id over the slow tokenizer's ``vocab.json`` and ``added_tokens.json`` and the fast one's
-    ``tokenizer.json`` (transformers 5 saves only the latter); entries that are not token → integer are ignored."""
-    def load(name: str) -> dict:
-        doc = json.loads(files.get(f"{folder}/{name}", b"{}"))
-        return doc if isinstance(doc, dict) else {}
+TOKENIZER_FILES = ("vocab.json", "added_tokens.json", "tokenizer_config.json", "tokenizer.json")
 
-    fast = load("tokenizer.json")
-    model = fast.get("model") if isinstance(fast.get("model"), dict) else {}
-    vocab = model.get("vocab") if isinstance(model.get("vocab"), dict) else {}
-    extra = [t for t in fast.get("added_tokens") or [] if isinstance(t, dict)]
-    pairs = {**load("vocab.json"), **load("added_tokens.json"), **vocab,
-             **{t.get("content"): t.get("id") for t in extra}}
-    return {t: i for t, i in pairs.items() if isinstance(t, str) and type(i) is int}
+
+def _documents(files: dict[str, bytes], folder: str) -> dict[str, dict]:
+    """The tokenizer's JSON files that are present, read once and checked (``_well_formed``); anything else is
+    refused by name."""
+    docs = {}
+    for name in TOKENIZER_FILES:
+        raw = files.get(f"{folder}/{name}")
+        if raw is None:
+            continue
+        try:
+            doc = json.loads(raw)
+        except (ValueError, RecursionError):
+            doc = None
+        if not _well_formed(name, doc):
+            raise SdportError(f"{folder}/{name}", "is not a tokenizer file sdport can add tokens to",
+                              "the model's tokenizer is damaged")
+        docs[name] = doc
+    return docs
+
+
+def _well_formed(name: str, doc: object) -> bool:
+    """An object whose vocabularies map strings to integers and whose added-token lists hold ``{content, id}``."""
+    if not isinstance(doc, dict):
+        return False
+    if name in ("vocab.json", "added_tokens.json"):
+        return _vocabulary(doc)
+    if name == "tokenizer_config.json":
+        return isinstance(doc.get("added_tokens_decoder", {}), dict)
+    model, tokens = doc.get("model", {}), doc.get("added_tokens", [])
+    return isinstance(model, dict) and _vocabulary(model.get("vocab", {})) and isinstance(tokens, list) and all(
+        isinstance(t, dict) and isinstance(t.get("content"), str) and type(t.get("id")) is int for t in tokens)
+
+
+def _vocabulary(vocab: object) -> bool:
+    return isinstance(vocab, dict) and all(type(i) is int for i in vocab.values())
+
+
+def _token_ids(docs: dict[str, dict]) -> dict[str, int]:
+    """token → id over the slow tokenizer's ``vocab.json`` and ``added_tokens.json`` and the fast one's
+    ``tokenizer.json`` (transformers 5 saves only the latter)."""
+    fast = docs.get("tokenizer.json", {})
+    return {**docs.get("vocab.json", {}), **docs.get("added_tokens.json", {}), **fast.get("model", {}).get("vocab", {}),
+            **{t["content"]: t["id"] for t in fast.get("added_tokens", [])}}
 
 
 def add_tokens(files: dict[str, bytes], folder: str, tokens: list[str], first: int) -> dict[str, bytes]:
@@ -165,8 +196,8 @@ def add_tokens(files: dict[str, bytes], folder: str, tokens: list[str], first: i
     if f"{folder}/tokenizer_config.json" not in files:
         raise SdportError(None, f"an inversion adds tokens to {folder}, which the model lacks",
                           "convert a model that has its tokenizer")
-    added = json.loads(files.get(f"{folder}/added_tokens.json", b"{}"))
-    known = _token_ids(files, folder)
+    docs = _documents(files, folder)
+    known = _token_ids(docs)
     clash = next((t for t in tokens if t in known or tokens.count(t) > 1), None)
     if clash is not None:
         raise SdportError(None, f"token {clash!r} is already in {folder}", "give the inversion another token")
@@ -176,12 +207,12 @@ def add_tokens(files: dict[str, bytes], folder: str, tokens: list[str], first: i
                           "the tokenizer is not the text encoder's")
     ids = {t: first + i for i, t in enumerate(tokens)}
     entry = {"lstrip": False, "normalized": True, "rstrip": False, "single_word": False, "special": False}
-    config = json.loads(files[f"{folder}/tokenizer_config.json"])
+    config = docs["tokenizer_config.json"]
     decoder = {**config.get("added_tokens_decoder", {}), **{str(i): {"content": t, **entry} for t, i in ids.items()}}
-    out = {f"{folder}/added_tokens.json": json_bytes({**added, **ids}),
+    out = {f"{folder}/added_tokens.json": json_bytes({**docs.get("added_tokens.json", {}), **ids}),
            f"{folder}/tokenizer_config.json": json_bytes({**config, "added_tokens_decoder": decoder})}
-    if f"{folder}/tokenizer.json" in files:
-        fast = json.loads(files[f"{folder}/tokenizer.json"])
+    if "tokenizer.json" in docs:
+        fast = docs["tokenizer.json"]
         fast["added_tokens"] = fast.get("added_tokens", []) + [{"id": i, "content": t, **entry} for t, i in ids.items()]
         out[f"{folder}/tokenizer.json"] = json_bytes(fast)
     return out

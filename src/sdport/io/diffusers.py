@@ -134,7 +134,10 @@ def open_diffusers(path: str, *, variant: str | None = None) -> TensorSource:
             source.non_tensors.update({prefix + k: v for k, v in part.non_tensors.items()})
             source.metadata.update({k: v for k, v in part.metadata.items() if k.startswith(KEPT_METADATA)})
             part.close()
-    source.metadata.update(_scheduler_metadata(path))
+    scheduler = _scheduler_metadata(path)
+    if scheduler:  # the scheduler's prediction type, with its own origin or none: the weights' tag is not about it
+        source.metadata.pop(PREDICTION_SOURCE, None)
+    source.metadata.update(scheduler)
     return source
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..detect import prediction_type
 from ..dtypes import cast
 from ..errors import SdportError
 from ..families import FAMILIES, Family
@@ -120,7 +121,7 @@ def extract(tuned: str, base: str, dst: str, *, rank: int = 32, energy: float | 
             raise SdportError(tuned, f"does not differ from {base} by more than {min_diff} anywhere",
                               "nothing to extract")
         tensors, metadata = entries(outs, to, family.name, dtype, source)
-        info = {**base_metadata(family.name), "ss_network_module": "networks.lora",
+        info = {**base_metadata(family.name, prediction_type(bm.found)[0]), "ss_network_module": "networks.lora",
                 "ss_network_dim": str(max(result.ranks.values())),
                 "ss_network_alpha": str(max(result.ranks.values())),
                 "sdport_extracted": json.dumps({"tuned": str(tuned), "base": str(base), "rank": rank,

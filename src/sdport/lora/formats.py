@@ -349,11 +349,14 @@ def stated_base(metadata: dict[str, str]) -> str:
     return ""
 
 
-def base_metadata(family: str) -> dict[str, str]:
-    """The metadata saying an adapter is for ``family`` (kohya's and modelspec's keys), for the files sdport makes."""
+def base_metadata(family: str, prediction: str = "epsilon") -> dict[str, str]:
+    """The metadata saying an adapter is for ``family`` (kohya's and modelspec's keys; SD2's 768-v architecture when
+    the base predicts v), for the files sdport makes."""
     if family not in BASE_METADATA:
         return {}
     kohya, arch = BASE_METADATA[family]
+    if family == "sd2" and prediction == "v_prediction":
+        arch = "stable-diffusion-v2-768-v"
     return {"ss_base_model_version": kohya, "modelspec.architecture": f"{arch}/lora"}
 
 

@@ -227,7 +227,13 @@ def convert_adapter(src: str, dst: str, *, to: str, rank: int | None = None, dty
              "once)"] if folded else []
     if read.left:
         notes.append(f"left out {len(read.left)} tensors that are no module's: {next(iter(read.left.values()))}")
-    return Written(dst, to, len(read.outs), len(tensors), errors, notes, tuple(sorted({o.kind for o in read.outs})))
+    return Written(dst, to, len(read.outs), len(tensors), errors, notes, _kinds(read.outs))
+
+
+def _kinds(outs: list[Out]) -> tuple[str, ...]:
+    """The algorithms written, in ``formats.module_kind``'s words (a Tucker core, a DoRA magnitude told apart)."""
+    return tuple(sorted({("tucker" if "mid" in o.factors else o.kind)
+                         + ("+dora" if {"dora", "magnitude"} & set(o.factors) else "") for o in outs}))
 
 
 def _alphas_left_out(read: Canonical, to: str) -> dict[str, str]:

@@ -34,5 +34,7 @@ def required_shapes(source: TensorSource, family: Family, part: Part, diffusers_
 def modelspec(source: TensorSource, origin: str) -> dict[str, str]:
     """The ``modelspec.*`` metadata (architecture, prediction type …), carried across layouts, and where the
     prediction type came from (``origin``, ``detect.prediction_origin``): a default sdport wrote out is never read
-    back as the file's word."""
-    return {**{k: v for k, v in source.metadata.items() if k.startswith("modelspec.")}, PREDICTION_SOURCE: origin}
+    back as the file's word, nor written as modelspec's, which other programs read as a fact."""
+    guessed = ("modelspec.predict_key", "modelspec.prediction_type") if origin == "default" else ()
+    kept = {k: v for k, v in source.metadata.items() if k.startswith("modelspec.") and k not in guessed}
+    return {**kept, PREDICTION_SOURCE: origin}

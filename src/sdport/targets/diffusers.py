@@ -19,7 +19,7 @@ from ..families import Family, Part
 from ..families.configs import json_bytes, model_index, pipeline_files, scheduler_config, tokenizer_for
 from ..families.parts import part_links
 from ..families.parts.links import Links
-from ..io.diffusers import small_files
+from ..io.diffusers import SCHEDULER_SOURCE, small_files
 from ..io.onnx_folder import folder_graphs, owner, require_name_maps
 from ..model import Model
 from ..plan import SAFETENSORS, OutputFile, Plan, derive
@@ -106,13 +106,14 @@ def rewrite(model: Model, request: ConvertRequest) -> Plan:
     if not (request.loras or request.inversions or request.vae or request.dtype or request.in_memory):
         raise SdportError(model.path, "already a diffusers folder", "convert it to a single file or another "
                           "dtype, merge adapters into it, or add a VAE or an inversion")
-    return folder_plan(model)
+    return folder_plan(model, request.prediction_type)
 
 
-def folder_plan(model: Model) -> Plan:
-    """The folder's plan: every weights file again (``.bin`` as the safetensors loaders look for), configs copied."""
+def folder_plan(model: Model, asked: str | None = None) -> Plan:
+    """The folder's plan: every weights file again (``.bin`` as the safetensors loaders look for), configs copied;
+    ``asked`` (``--prediction-type``) goes into its scheduler config."""
     source = model.source
-    origin = prediction_origin(model.found)
+    origin = prediction_origin(model.found, asked)
     files: dict[str, OutputFile] = {}
     sharded_bin = [i.file for i in source.tensors.values() if re.search(r"-\d+-of-\d+\.bin$", i.file)]
     if sharded_bin:
@@ -131,11 +132,19 @@ def folder_plan(model: Model) -> Plan:
         files[out].tensors.append(derive(inner, None, source, (name,)))
     plan = Plan(files=list(files.values()), dropped={k: f"not a tensor ({v})" for k, v in source.non_tensors.items()})
     plan.extra = small_files(source.path, {os.path.realpath(i.file) for i in source.tensors.values()})
-    _fill_pipeline(model, plan)
+    scheduler = plan.extra.get("scheduler/scheduler_config.json")
+    if asked and scheduler is not None:
+        doc = json.loads(scheduler)
+        if not isinstance(doc, dict):
+            raise SdportError(os.path.join(source.path, "scheduler"), "scheduler_config.json is not a JSON object",
+                              None)
+        plan.extra["scheduler/scheduler_config.json"] = json_bytes({**doc, SCHEDULER_SOURCE: "user",
+                                                                    "prediction_type": asked})
+    _fill_pipeline(model, plan, asked)
     return plan
 
 
-def _fill_pipeline(model: Model, plan: Plan) -> None:
+def _fill_pipeline(model: Model, plan: Plan, asked: str | None = None) -> None:
     """A pipeline folder kept without its scheduler or tokenizers (people often keep only the weights) gets the
     family's training schedule and sdport's bundled CLIP tokenizers, so that the pipeline loading the output
     finds them; ``plan.added`` says what was filled in."""
@@ -145,8 +154,8 @@ def _fill_pipeline(model: Model, plan: Plan) -> None:
     components = {f.path.split("/")[0] for f in plan.files}
     index = json.loads(plan.extra.get("model_index.json", b"{}") or b"{}")
     if "scheduler/scheduler_config.json" not in plan.extra:
-        kind = prediction_type(model.found)[0]
-        config = scheduler_config(family, kind, origin=prediction_origin(model.found))
+        kind = asked or prediction_type(model.found)[0]
+        config = scheduler_config(family, kind, origin=prediction_origin(model.found, asked))
         plan.extra["scheduler/scheduler_config.json"] = json_bytes(config)
         index["scheduler"] = ["diffusers", config["_class_name"]]
         plan.added["scheduler/"] = f"the folder has none: {family.name}'s schedule ({config['_class_name']}, {kind})"
@@ -199,6 +208,7 @@ def require_export(model: Model, request: ConvertRequest, *, rewrite: bool) -> N
         raise SdportError(model.path, "a lone ONNX graph", "give the export's folder (model_index.json, unet/ …)")
     if not rewrite:
         require_name_maps(model.path)
-    if request.components or request.ema or (request.dtype and rewrite):
-        raise SdportError(model.path, "an ONNX export converts as it is (LoRAs merged): no --components, --ema or "
-                          "--dtype", "export the original model again for other components or dtypes")
+    if request.components or request.ema or (request.dtype and rewrite) or request.prediction_type:
+        raise SdportError(model.path, "an ONNX export converts as it is (LoRAs merged): no --components, --ema, "
+                          "--dtype or --prediction-type", "export the original model again for other components, "
+                          "dtypes or prediction types")

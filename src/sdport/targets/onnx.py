@@ -49,7 +49,7 @@ def from_original(model: Model, request: ConvertRequest) -> Plan:
 def from_diffusers(model: Model, request: ConvertRequest) -> Plan:
     """A diffusers folder's own plan; ``finish`` exports it."""
     _check_family(model.family(), request)
-    return diffusers.folder_plan(model)
+    return diffusers.folder_plan(model, request.prediction_type)
 
 
 def _check_family(family: Family, request: ConvertRequest) -> None:
