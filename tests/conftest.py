@@ -36,6 +36,13 @@ def run_cli(*args: str, timeout: float = 120, env: dict | None = None, **kw) -> 
     return Run(p.returncode, p.stdout, p.stderr)
 
 
+def only(fixture: str, *families: str) -> pytest.MarkDecorator:
+    """Run a test over just these families of a module's family-parametrised ``fixture`` (``setup``, ``fam``): the
+    cases a test has no use for are never generated, rather than generated and skipped. Each family's fixture
+    instance is still the one the module's other tests share."""
+    return pytest.mark.parametrize(fixture, families, indirect=True)
+
+
 def sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -16,7 +16,7 @@ import warnings
 import pytest
 import safetensors.torch
 import torch
-from conftest import leftovers, run_cli, sha256
+from conftest import leftovers, only, run_cli, sha256
 
 import sdport
 
@@ -176,9 +176,8 @@ def test_several_adapters_add_with_their_ratios(setup, tmp_path) -> None:
             torch.testing.assert_close(unet[w], want, rtol=1e-6, atol=1e-6)
 
 
+@only("setup", "sdxl-base")  # kohya names SDXL UNet modules after the SGM layout
 def test_sdxl_kohya_names_from_sgm_modules_merge_the_same(setup, tmp_path) -> None:
-    if setup["name"] != "sdxl-base":
-        pytest.skip("kohya names SDXL UNet modules after the SGM layout")
     from sdport.families.parts.unet import layout_from_diffusers, name_map
 
     table = name_map(layout_from_diffusers(setup["pipe"].unet.state_dict()))
@@ -365,9 +364,8 @@ LCM_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.ne
 
 
 @pytest.mark.parametrize("variant", ["plain", "rslora", "dora", "lcm"])
+@only("setup", "sd1")  # one family is enough for the metadata convention
 def test_loras_saved_by_diffusers_itself_merge_at_their_strength(setup, tmp_path, variant) -> None:
-    if setup["name"] != "sd1":
-        pytest.skip("one family is enough for the metadata convention")
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
@@ -403,9 +401,8 @@ def test_loras_saved_by_diffusers_itself_merge_at_their_strength(setup, tmp_path
         torch.testing.assert_close(ours[k], want[k], rtol=1e-5, atol=1e-6)
 
 
+@only("setup", "sd1")  # one family is enough for the folder layout
 def test_folders_with_bin_weights_and_symlinked_configs_stay_loadable(setup, tmp_path) -> None:
-    if setup["name"] != "sd1":
-        pytest.skip("one family is enough for the folder layout")
     linked = tmp_path / "linked"
     for folder, _, names in os.walk(setup["ref"]):  # a Hugging Face cache: every file a symlink to its blob
         rel = os.path.relpath(folder, setup["ref"])

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from conftest import run_cli
+from conftest import only, run_cli
 
 import sdport
 from sdport.io import open_tensors
@@ -75,9 +75,8 @@ def test_mindone_files_carry_mindone_names_in_fp32(fam) -> None:
         assert any(n.endswith("token_embedding.embedding_table") for n in names)
 
 
+@only("fam", "sd1")  # SD1's text encoder is the one MindOne fuses
 def test_sd1_in_proj_rows_are_q_k_v(fam) -> None:
-    if fam["name"] != "sd1":
-        pytest.skip("SD1's text encoder is the one MindOne fuses")
     original, ms = _read(fam["single"]), _read(fam["ms"])
     layer = "cond_stage_model.transformer.text_model.encoder.layers.1.self_attn."
     fused = ms["cond_stage_model.transformer.transformer_layer.resblocks.1.attn.attn.in_proj.weight"]
@@ -106,9 +105,8 @@ def test_diffusers_folder_to_mindone_and_back(fam, tmp_path) -> None:
             assert torch.equal(v, want[k].float()), (comp, k)
 
 
+@only("fam", "sd1")  # one family is enough for the merge path
 def test_lora_merged_into_a_mindone_base(fam, tmp_path) -> None:
-    if fam["name"] != "sd1":
-        pytest.skip("one family is enough for the merge path")
     original = _read(fam["single"])
     g = np.random.default_rng(0)
     target = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
@@ -158,9 +156,8 @@ def _mindone_lora(path: str, base: dict[str, np.ndarray], targets: list[str], sd
     return factors
 
 
+@only("fam", "sd1", "sdxl-base")  # MindOne publishes LoRA training for SD1/SD2 and SDXL; one of each
 def test_mindone_loras_merge_with_the_alpha_the_user_gives_and_convert_to_kohya(fam, tmp_path) -> None:
-    if fam["name"] not in ("sd1", "sdxl-base"):
-        pytest.skip("MindOne publishes LoRA training for SD1/SD2 and SDXL; one of each")
     base = _read(fam["ms"])
     attn = "model.diffusion_model.{}.1.transformer_blocks.0.{}.weight"
     blocks = ("input_blocks.1", "output_blocks.3") if fam["name"] == "sd1" else ("input_blocks.4", "output_blocks.1")
@@ -189,10 +186,9 @@ def test_mindone_loras_merge_with_the_alpha_the_user_gives_and_convert_to_kohya(
         assert x.read() == y.read()
 
 
+@only("fam", "sd1", "sdxl-base")  # one SD1-style and one SDXL-style base
 def test_a_fine_tuned_unet_folder_goes_into_a_full_mindone_base(fam, tmp_path) -> None:
     """Like MindOne's convert_diffusers_to_mindone_sdxl.py --sdxl_base_ckpt, by name and shape."""
-    if fam["name"] not in ("sd1", "sdxl-base"):
-        pytest.skip("one SD1-style and one SDXL-style base")
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(os.path.join(fam["ref"], "unet"))

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import leftovers, run_cli, sha256
+from conftest import leftovers, only, run_cli, sha256
 from safetensors.numpy import load_file
 
 import sdport
@@ -161,9 +161,8 @@ def test_fp16_keeps_the_time_embeddings_in_fp32(setup, tmp_path) -> None:
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-2
 
 
+@only("setup", "sd1")  # one family is enough
 def test_an_fp16_vae_in_an_fp32_export_takes_fp32(setup, tmp_path) -> None:
-    if setup["name"] != "sd1":
-        pytest.skip("one family is enough")
     out = str(tmp_path / "vae16")
     sdport.convert(setup["ref"], out, to="onnx", vae_dtype="fp16", components="vae_decoder")
     sess = session(out, "vae_decoder")
@@ -176,9 +175,8 @@ def test_an_fp16_vae_in_an_fp32_export_takes_fp32(setup, tmp_path) -> None:
     assert np.abs(sess.run(None, {"latent_sample": latent})[0] - want).max() < 0.05
 
 
+@only("setup", "sd1", "sd2")  # diffusers has no SDXL ONNX pipeline (the optimum layout serves SDXL)
 def test_diffusers_onnx_pipeline_gives_the_torch_image(setup) -> None:
-    if "xl" in setup["name"]:
-        pytest.skip("diffusers has no SDXL ONNX pipeline (the optimum layout serves SDXL)")
     onnx_pipe = diffusers.OnnxStableDiffusionPipeline.from_pretrained(setup["onnx"], provider="CPUExecutionProvider")
     latents = np.random.default_rng(3).standard_normal((1, 4, 8, 8)).astype(np.float32)
     kw = dict(num_inference_steps=2, height=64, width=64, output_type="np", guidance_scale=7.5)
@@ -233,9 +231,8 @@ def test_weights_past_the_limit_go_to_an_external_file(setup, tmp_path, monkeypa
     assert all(np.array_equal(a[k], ref[k].numpy()) for k in ref)
 
 
+@only("setup", "sd1", "sdxl-base")  # SD1 and SDXL base cover both text-encoder kinds
 def test_lora_blended_into_an_export_equals_exporting_the_merged_model(setup, tmp_path) -> None:
-    if setup["name"] in ("sd2", "sdxl-refiner"):
-        pytest.skip("SD1 and SDXL base cover both text-encoder kinds")
     pipe = setup["pipe"]
     lora = kohya_file(make_lora(pipe), str(tmp_path / "lora.safetensors"),
                       te_prefix="lora_te1" if "xl" in setup["name"] else "lora_te")
@@ -264,11 +261,10 @@ def test_lora_blended_into_an_export_equals_exporting_the_merged_model(setup, tm
     assert np.abs(got - _torch_unet(pipe, feed)).max() < 1e-4
 
 
+@only("setup", "sd1")  # one family is enough
 def test_lora_blends_into_a_foreign_export_through_its_node_names(setup, tmp_path) -> None:
     """A UNet exported as diffusers' script and onnx-web do (torch's exporter, constant folding): linear weights
     are stored transposed under made-up names; sdport finds them by their MatMul node and blends exactly."""
-    if setup["name"] != "sd1":
-        pytest.skip("one family is enough")
     pipe = setup["pipe"]
     folder = tmp_path / "foreign"
     (folder / "unet").mkdir(parents=True)
@@ -297,9 +293,8 @@ def test_lora_blends_into_a_foreign_export_through_its_node_names(setup, tmp_pat
     assert r.code == 2 and "not exported by sdport" in r.err
 
 
+@only("setup", "sd1")  # one family is enough
 def test_blending_says_what_it_could_not_place(setup, tmp_path) -> None:
-    if setup["name"] != "sd1":
-        pytest.skip("one family is enough")
     import safetensors.torch
 
     lora = str(tmp_path / "odd.safetensors")
@@ -315,9 +310,8 @@ def test_blending_says_what_it_could_not_place(setup, tmp_path) -> None:
     assert r.code == 0 and "unmatched" in r.out and "no_such_block" in r.out
 
 
+@only("setup", "sd1")  # the tiny ControlNet has SD1's structure
 def test_controlnet_graph_feeds_the_cnet_unet_as_torch_does(setup, tmp_path) -> None:
-    if setup["name"] != "sd1":
-        pytest.skip("the tiny ControlNet has SD1's structure")
     cn = models.controlnet()
     cn.save_pretrained(str(tmp_path / "cn"))
     cn_out, pipe_out = str(tmp_path / "cn-onnx"), str(tmp_path / "pipe-onnx")
@@ -372,9 +366,8 @@ def test_optimum_layout_has_every_config(setup, tmp_path) -> None:
             assert index[tokenizer] and os.path.isfile(os.path.join(out, tokenizer, "vocab.json"))
 
 
+@only("setup", "sd1")  # the tiny ControlNet has SD1's structure
 def test_a_lone_controlnet_export_converts_back(setup, tmp_path) -> None:
-    if setup["name"] != "sd1":
-        pytest.skip("the tiny ControlNet has SD1's structure")
     cn = models.controlnet()
     cn.save_pretrained(str(tmp_path / "cn"))
     assert run_cli("convert", str(tmp_path / "cn"), str(tmp_path / "cn-onnx"), "--to", "onnx").code == 0
@@ -384,9 +377,8 @@ def test_a_lone_controlnet_export_converts_back(setup, tmp_path) -> None:
     assert set(back) == set(cn.state_dict()) and all(torch.equal(back[k], v) for k, v in cn.state_dict().items())
 
 
+@only("setup", "sd1")  # one family is enough
 def test_constants_in_external_data_are_refused_for_blending(setup, tmp_path) -> None:
-    if setup["name"] != "sd1":
-        pytest.skip("one family is enough")
     from onnx import TensorProto, helper, numpy_helper
 
     folder = tmp_path / "ext-const"
