@@ -323,7 +323,8 @@ def test_fp16_variant_folders_and_modelspec_metadata_are_carried_across(tmp_path
 def test_the_demo_makes_a_checkpoint_a_half_precision_file_and_a_pipeline_that_diffusers_loads(tmp_path) -> None:
     r = run_cli("demo", tmp_path / "demo")
     assert r.code == 0, r.err
-    assert sorted(os.listdir(tmp_path / "demo")) == ["demo-sd1-diffusers", "demo-sd1.ckpt", "demo-sd1.fp16.safetensors"]
+    # (the adapters, SDXL and ControlNet it writes besides are checked in test_readme.py)
+    assert {"demo-sd1-diffusers", "demo-sd1.ckpt", "demo-sd1.fp16.safetensors"} <= set(os.listdir(tmp_path / "demo"))
     assert "family      sd1" in r.out and "prediction type epsilon" in r.out
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "demo" / "demo-sd1-diffusers"),
                                                              local_files_only=True)
