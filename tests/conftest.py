@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -18,8 +19,26 @@ _GRAPHS = tempfile.mkdtemp(prefix="sdport-graphs-")
 os.environ.setdefault("SDPORT_GRAPH_CACHE", _GRAPHS)
 
 
+#: folders of session-wide fixtures under pytest's base temp, which the clean-up after each module passes by
+_SESSION_DIRS: set[str] = set()
+
+
 def pytest_unconfigure(config) -> None:
     shutil.rmtree(_GRAPHS, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_temp(request, tmp_path_factory) -> Iterator[None]:
+    """The folders a test module made under pytest's base temp (its fixtures' models, pipelines, exports) removed
+    when the module ends, unless one of its tests failed: the suite's temp stays the size of its largest module
+    rather than the sum of them all. Torn down after the module's other fixtures (autouse ones come first)."""
+    base = tmp_path_factory.getbasetemp()
+    before, failed = set(os.listdir(base)), request.session.testsfailed
+    yield
+    if request.session.testsfailed != failed:
+        return
+    for name in set(os.listdir(base)) - before - _SESSION_DIRS:
+        shutil.rmtree(base / name, ignore_errors=True)
 
 
 @dataclass
@@ -60,7 +79,9 @@ def demo_ckpt(tmp_path_factory) -> str:
     """The demo SD1.x checkpoint written by sdport (torch zip, fp32, ``state_dict`` root)."""
     from sdport.demo import write_demo_checkpoint
 
-    path = str(tmp_path_factory.mktemp("demo") / "demo-sd1.ckpt")
+    folder = tmp_path_factory.mktemp("demo")
+    _SESSION_DIRS.add(folder.name)
+    path = str(folder / "demo-sd1.ckpt")
     write_demo_checkpoint(path)
     return path
 
