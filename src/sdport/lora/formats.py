@@ -319,11 +319,15 @@ def read_alphas(source: TensorSource) -> dict[str, float]:
 def module_kind(source: TensorSource, m: Module) -> str:
     """The algorithm: ``loha``, ``lokr``, ``ia3``, ``full``, ``norm``, or for LoRA ``tucker`` (a ``lora_mid``
     core), ``locon`` (a conv kernel) or ``lora``; ``+dora`` when it carries a DoRA magnitude."""
-    kind = m.kind
+    return kind_label(m.kind, m.factors, source)
+
+
+def kind_label(kind: str, factors: dict[str, str], source: TensorSource) -> str:
+    """``module_kind`` of a module given by its algorithm and factor names (tensors in ``source``)."""
     if kind == "lora":
-        down = source.tensors[m.factors["down"]].shape
-        kind = "tucker" if "mid" in m.factors else "locon" if len(down) == 4 and down[2:] != (1, 1) else "lora"
-    return kind + ("+dora" if "dora" in m.factors or "magnitude" in m.factors else "")
+        down = source.tensors[factors["down"]].shape
+        kind = "tucker" if "mid" in factors else "locon" if len(down) == 4 and down[2:] != (1, 1) else "lora"
+    return kind + ("+dora" if "dora" in factors or "magnitude" in factors else "")
 
 
 #: the base an adapter was made for, in the words trainers write: kohya's ``ss_base_model_version`` and the

@@ -34,7 +34,7 @@ from ..sources import locate
 from . import FORMATS
 from .canonical import Canonical, Out, as_lora, canonical, computed, refactorable
 from .describe import loads_in
-from .formats import ROLES
+from .formats import ROLES, kind_label
 from .names import is_attention, underscored, unet_to_sgm
 
 SUFFIX = {(kind, role): suffix for suffix, (kind, role) in ROLES.items() if kind}
@@ -223,17 +223,12 @@ def convert_adapter(src: str, dst: str, *, to: str, rank: int | None = None, dty
         write(dst, source, tensors, {**kept_metadata(model.source.metadata, refactored=bool(errors)), **metadata},
               left_out, force=force)
         folded = sum(o.scale(source) != 1.0 for o in read.outs) if to == "diffusers-old" else 0
+        kinds = tuple(sorted({kind_label(o.kind, o.factors, source) for o in read.outs}))
     notes = [f"alpha/rank folded into lora up for {folded} modules (the format has no alpha; values rounded "
              "once)"] if folded else []
     if read.left:
         notes.append(f"left out {len(read.left)} tensors that are no module's: {next(iter(read.left.values()))}")
-    return Written(dst, to, len(read.outs), len(tensors), errors, notes, _kinds(read.outs))
-
-
-def _kinds(outs: list[Out]) -> tuple[str, ...]:
-    """The algorithms written, in ``formats.module_kind``'s words (a Tucker core, a DoRA magnitude told apart)."""
-    return tuple(sorted({("tucker" if "mid" in o.factors else o.kind)
-                         + ("+dora" if {"dora", "magnitude"} & set(o.factors) else "") for o in outs}))
+    return Written(dst, to, len(read.outs), len(tensors), errors, notes, kinds)
 
 
 def _alphas_left_out(read: Canonical, to: str) -> dict[str, str]:
